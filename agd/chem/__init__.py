@@ -1,0 +1,1 @@
+"""Composition chemistry: parsing, encoding, validity and descriptors. Imports nothing else of agd."""
