@@ -31,6 +31,7 @@ class MPSourceConfig(_Section):
     num_chunks: int | None = Field(None, gt=0, description="limit the download (None: everything)")
     band_gap_min: float | None = None
     band_gap_max: float | None = None
+    include_gnome: bool = Field(False, description="GNoME entries carry r2SCAN gaps, not PBE")
 
 
 class DataConfig(_Section):
@@ -105,6 +106,99 @@ class CatalogConfig(_Section):
     path: str = "agd.duckdb"
 
 
+class RoostConfig(_Section):
+    """Roost (aviary) training; one model per ensemble member, seeds seed, seed+1, ..."""
+
+    ensemble_size: int = Field(3, ge=1)
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(128, ge=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    elem_fea_len: int = Field(64, ge=1)
+    n_graph: int = Field(3, ge=1)
+    patience: int | None = Field(20, ge=1, description="early stopping on validation MAE (None: off)")
+    device: str = "cpu"
+
+
+class ForestConfig(_Section):
+    """Random forest on Magpie features (fast oracle and screener)."""
+
+    n_estimators: int = Field(300, ge=1)
+    max_features: float | str | None = 0.3
+    min_samples_leaf: int = Field(1, ge=1)
+    n_jobs: int = -1
+
+
+class OracleConfig(_Section):
+    """The band-gap oracle that stands in for DFT (the paper's Exp1 protocol: seeded 60/20/20 split)."""
+
+    models: list[Literal["roost", "forest"]] = Field(default_factory=lambda: ["roost", "forest"])
+    primary: Literal["roost", "forest"] = "roost"
+    seed: int = 0
+    roost: RoostConfig = RoostConfig()
+    forest: ForestConfig = ForestConfig()
+    paper_test_column: str = "in_agd_bd_test"
+    metals_dataset: str | None = Field(
+        None, description="a second dataset including metals (e.g. mp_gap_by_composition.csv) for a metal-aware oracle"
+    )
+
+
+class AutoencoderConfig(_Section):
+    """The paper's composition autoencoder: 2 conv + FC -> latent; FC + 3 conv, sigmoid output."""
+
+    latent_dim: int = Field(128, ge=2)
+    channels: list[int] = Field(
+        default_factory=lambda: [32, 64], min_length=2, max_length=2, description="the two encoder conv widths"
+    )
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    loss: Literal["bce", "categorical"] = Field(
+        "bce", description="bce: sigmoid cells (the paper); categorical: softmax over each element's counts"
+    )
+    nonzero_weight: float = Field(1.0, gt=0, description="loss weight of the set cells of present elements")
+    seed: int = 0
+    patience: int | None = Field(20, ge=1, description="early stopping on validation loss (None: off)")
+    device: str = "cpu"
+
+
+class GanConfig(_Section):
+    """MATGAN-style WGAN-GP on one-hot composition matrices."""
+
+    training_data: str = Field(
+        "../shared/data/formulas_icsd_in_mp_synthnn.csv", description="formula list (CSV/parquet) or 'prepared'"
+    )
+    max_count: int = Field(7, ge=1, description="matrix columns: counts 0..max_count (the paper's trim is 7)")
+    noise_dim: int = Field(128, ge=1)
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    n_critic: int = Field(5, ge=1)
+    gp_weight: float = Field(10.0, ge=0)
+    betas: tuple[float, float] = Field((0.5, 0.9), description="Adam betas (WGAN-GP defaults)")
+    generator_hidden: list[int] = Field(default_factory=lambda: [256, 512], min_length=1)
+    critic_hidden: list[int] = Field(default_factory=lambda: [512, 256], min_length=1)
+    max_elements: int | None = Field(5, ge=1, description="training formulas with more elements are dropped")
+    max_atoms: int | None = Field(20, ge=1, description="training formulas with more atoms are dropped")
+    valid_only: bool = Field(False, description="train on smact-valid compositions only")
+    quality_samples: int = Field(1000, ge=0, description="samples per epoch for the quality metrics (0: off)")
+    seed: int = 0
+    device: str = "cpu"
+
+
+class GenerateConfig(_Section):
+    """Sampling from the trained GAN and the paper's trims."""
+
+    n_samples: int = Field(1_180_000, ge=1)
+    chunk_size: int = Field(100_000, ge=1)
+    max_atoms: int = Field(20, ge=1)
+    max_elements: int = Field(5, ge=1)
+    max_atoms_per_element: int = Field(7, ge=1)
+    seed: int = 0
+    metrics_samples: int = Field(100_000, ge=0, description="samples used for the decodable/valid/unique/novel report")
+    n_jobs: int = Field(1, description="worker processes for the validity checks (<= 0: all cores)")
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     prepare: PrepareConfig = PrepareConfig()
@@ -112,6 +206,10 @@ class Params(_Section):
     validity: ValidityConfig = ValidityConfig()
     tracking: TrackingConfig = TrackingConfig()
     catalog: CatalogConfig = CatalogConfig()
+    oracle: OracleConfig = OracleConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    gan: GanConfig = GanConfig()
+    generate: GenerateConfig = GenerateConfig()
 
 
 def find_project_root(start: Path | None = None) -> Path:

@@ -28,7 +28,15 @@ _TOKEN = re.compile(r"([A-Z][a-z]?)(\d*)")
 
 
 class FormulaError(ValueError):
-    """A formula that cannot be turned into an integer composition; the message is the reason."""
+    """A formula that cannot be turned into an integer composition; the message is the reason.
+
+    ``code`` is a short category for counting rejects: empty, not_text, unknown_element, zero_amount,
+    unparsable, non_positive, fractional.
+    """
+
+    def __init__(self, message: str, code: str = "unparsable") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,8 @@ def _integral_counts(amounts: Mapping[str, float], rules: FormulaRules) -> dict[
     shown = ", ".join(f"{el}{v:g}" for el, v in amounts.items())
     raise FormulaError(
         f"fractional composition {shown} cannot be made integral "
-        f"(multiplier <= {rules.max_multiplier}, tolerance {rules.integer_tolerance:g})"
+        f"(multiplier <= {rules.max_multiplier}, tolerance {rules.integer_tolerance:g})",
+        "fractional",
     )
 
 
@@ -68,7 +77,7 @@ def _parse_cached(text: str, rules: FormulaRules) -> tuple[tuple[str, int], ...]
 def _parse_uncached(text: str, rules: FormulaRules) -> dict[str, int]:
     stripped = text.strip()
     if not stripped:
-        raise FormulaError("empty formula")
+        raise FormulaError("empty formula", "empty")
     if _PLAIN.match(stripped):
         # Fast path: plain formulas with integer counts need no pymatgen round trip.
         counts: dict[str, int] = {}
@@ -76,14 +85,14 @@ def _parse_uncached(text: str, rules: FormulaRules) -> dict[str, int]:
             counts[symbol] = counts.get(symbol, 0) + (int(digits) if digits else 1)
         unknown = [s for s in counts if not Element.is_valid_symbol(s)]
         if unknown:
-            raise FormulaError(f"unknown element {unknown[0]!r}")
+            raise FormulaError(f"unknown element {unknown[0]!r}", "unknown_element")
         zero = [s for s, c in counts.items() if c == 0]
         if zero:
-            raise FormulaError(f"zero amount for element {zero[0]}")
+            raise FormulaError(f"zero amount for element {zero[0]}", "zero_amount")
         return _canonical_symbols(counts)
     zero = _ZERO_AMOUNT.search(stripped)
     if zero:
-        raise FormulaError(f"zero amount in {zero.group(0)!r}")
+        raise FormulaError(f"zero amount in {zero.group(0)!r}", "zero_amount")
     try:
         comp = Composition(stripped)
     except Exception as exc:  # pymatgen raises ValueError, KeyError, etc. for garbage
@@ -91,12 +100,12 @@ def _parse_uncached(text: str, rules: FormulaRules) -> dict[str, int]:
     amounts: dict[str, float] = {}
     for species, amount in comp.items():
         if not isinstance(species, Element):
-            raise FormulaError(f"unknown element {str(species).rstrip('0+-')!r}")
+            raise FormulaError(f"unknown element {str(species).rstrip('0+-')!r}", "unknown_element")
         if not math.isfinite(amount) or amount <= 0:
-            raise FormulaError(f"non-positive amount for {species.symbol}")
+            raise FormulaError(f"non-positive amount for {species.symbol}", "non_positive")
         amounts[species.symbol] = amounts.get(species.symbol, 0.0) + float(amount)
     if not amounts:
-        raise FormulaError("formula has no elements")
+        raise FormulaError("formula has no elements", "empty")
     return _integral_counts(amounts, rules)
 
 
@@ -113,8 +122,10 @@ def _canonical_symbols(counts: dict[str, int]) -> dict[str, int]:
 
 def parse_formula(text: str, rules: FormulaRules = DEFAULT_RULES) -> dict[str, int]:
     """Parse one formula into element -> positive integer count; raise FormulaError with the reason."""
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        raise FormulaError("missing formula", "empty")
     if not isinstance(text, str):
-        raise FormulaError(f"formula is not text: {text!r}")
+        raise FormulaError(f"formula is not text: {text!r}", "not_text")
     return dict(_parse_cached(text, rules))
 
 

@@ -1,0 +1,1 @@
+"""Raw data sources and dataset preparation."""

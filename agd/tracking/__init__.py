@@ -1,0 +1,1 @@
+"""Run tracking and the DuckDB catalog over the pipeline's outputs."""

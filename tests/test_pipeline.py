@@ -1,0 +1,74 @@
+"""End to end: `dvc repro pipelines/dvc.yaml` in a scratch project, then a second repro that does nothing."""
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from agd.tracking.catalog import CatalogReader
+from tests.conftest import REPO_ROOT, read_shared_csv
+
+BAD_ROWS = [
+    ("", 1.0),  # empty formula
+    ("Xx2O", 2.0),  # unknown element
+    ("NaCl", -1.0),  # negative gap
+    ("KBr", float("nan")),  # missing gap
+    ("Fe0.333O", 1.0),  # fractional, not integral
+    ("ZnO", 3.0),  # duplicates: ZnO / Zn2O2 merge
+    ("Zn2O2", 3.2),
+]
+
+
+def _run(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def test_dvc_repro_fetch_prepare_catalog(tmp_path, shared_data):
+    project = tmp_path / "project"
+    (project / "pipelines").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "pipelines" / "dvc.yaml", project / "pipelines" / "dvc.yaml")
+    real = read_shared_csv(shared_data / "mp_gap_agd_exp1.csv").head(300)
+    table = pd.concat(
+        [real[["composition", "band_gap"]], pd.DataFrame(BAD_ROWS, columns=["composition", "band_gap"])],
+        ignore_index=True,
+    )
+    table.to_csv(project / "mixed.csv", index=False)
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["data"]["path"] = "mixed.csv"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "AGD_DATA", "MP_API_KEY")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    _run(["dvc", "init", "--no-scm", "-q"], project, env)
+    first = _run(["dvc", "repro", "pipelines/dvc.yaml"], project, env)
+    assert "Running stage 'pipelines/dvc.yaml:prepare'" in first, first
+
+    summary = json.loads((project / "metrics" / "data.json").read_text())
+    assert summary["rows_in"] == 307
+    assert summary["rejected"] == 5 and summary["duplicates_merged"] == 1
+    assert summary["rows_out"] == 301
+    rejects = pd.read_csv(project / "data" / "prepared" / "rejects.csv", keep_default_na=False)
+    assert rejects["row"].tolist() == [301, 302, 303, 304, 305]
+    assert rejects["code"].tolist() == ["empty", "unknown_element", "negative_gap", "bad_gap", "fractional"]
+
+    with sqlite3.connect(project / "mlflow.db") as db:
+        runs = db.execute("select name, status from runs").fetchall()
+        logged = dict(db.execute("select key, value from metrics").fetchall())
+    assert runs == [("prepare", "FINISHED")]
+    assert logged["rows_out"] == 301 and logged["rejected"] == 5
+
+    with CatalogReader(project / "agd.duckdb") as reader:
+        assert reader.tables()["datasets"] == 301
+
+    second = _run(["dvc", "repro", "pipelines/dvc.yaml"], project, env)
+    assert "Running stage" not in second
+    assert "up to date" in second.lower()
