@@ -68,7 +68,8 @@ def _integral_counts(amounts: Mapping[str, float], rules: FormulaRules) -> dict[
     )
 
 
-@lru_cache(maxsize=1_000_000)
+# bounded: a full cache of distinct formulas costs ~0.5 KiB each
+@lru_cache(maxsize=262_144)
 def _parse_cached(text: str, rules: FormulaRules) -> tuple[tuple[str, int], ...]:
     counts = _parse_uncached(text, rules)
     return tuple(counts.items())
@@ -135,7 +136,7 @@ def reduce_counts(counts: Mapping[str, int]) -> dict[str, int]:
     return {el: c // divisor for el, c in counts.items()}
 
 
-@lru_cache(maxsize=1_000_000)
+@lru_cache(maxsize=262_144)
 def _key_cached(items: tuple[tuple[str, int], ...]) -> str:
     with warnings.catch_warnings():
         # pymatgen warns about missing electronegativities (noble gases) while ordering elements
