@@ -8,7 +8,6 @@ number and the reason, and the other rows go on.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +199,6 @@ def prepare_dataset(raw: pd.DataFrame, cfg: PrepareConfig) -> Prepared:
     missing = [c for c in ("row", "formula", "band_gap") if c not in raw.columns]
     if missing:
         raise ValueError(f"raw table lacks required column(s) {missing}; got {list(raw.columns)}")
-    start = time.perf_counter()
     raw = raw.copy()
     for column in ("material_id", "formation_energy_per_atom", "energy_above_hull"):
         if column not in raw.columns:
@@ -232,7 +230,6 @@ def prepare_dataset(raw: pd.DataFrame, cfg: PrepareConfig) -> Prepared:
         "n_elements": {str(k): int(v) for k, v in dataset["n_elements"].value_counts().sort_index().items()},
         "elements": len(set().union(*(set(_symbols(k)) for k in dataset["reduced_formula"]))) if len(dataset) else 0,
         "band_gap": _gap_stats(dataset["band_gap"], cfg.histogram_bins),
-        "seconds": round(time.perf_counter() - start, 3),
     }
     return Prepared(dataset, rejects.reset_index(drop=True), summary)
 

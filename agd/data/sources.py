@@ -537,12 +537,10 @@ def fetch(cfg: DataConfig, env: Mapping[str, str] = os.environ) -> tuple[pd.Data
     else:
         frame, info = _fetch_matbench(cfg.mp.include_structure)
         provenance["matbench"] = info
-    provenance.update(
-        rows=len(frame),
-        columns=[str(c) for c in frame.columns],
-        retrieved_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        versions=package_versions(),
-    )
+    provenance.update(rows=len(frame), columns=[str(c) for c in frame.columns], versions=package_versions())
+    if source.kind != "local":
+        # a download's date matters; a local file is identified by its hash, which keeps re-runs byte-identical
+        provenance["retrieved_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     return frame, provenance
 
 
