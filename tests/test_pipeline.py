@@ -35,6 +35,7 @@ def test_dvc_repro_fetch_prepare_catalog(tmp_path, shared_data):
     project = tmp_path / "project"
     (project / "pipelines").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "pipelines" / "dvc.yaml", project / "pipelines" / "dvc.yaml")
+    (project / "agd").symlink_to(REPO_ROOT / "agd")  # stages depend on their code files
     real = read_shared_csv(shared_data / "mp_gap_agd_exp1.csv").head(300)
     table = pd.concat(
         [real[["composition", "band_gap"]], pd.DataFrame(BAD_ROWS, columns=["composition", "band_gap"])],
