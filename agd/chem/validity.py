@@ -22,7 +22,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from importlib.metadata import version
@@ -58,6 +58,11 @@ _BATCH = 2000
 #: The memo of seen inputs is cleared beyond this many entries (about 100 bytes each).
 _MAX_INPUTS = 2_000_000
 _CACHE_META_KEY = b"agd_validity"
+#: Above this many oxidation-state combinations the zero-charge search walks depth-first instead of
+#: building the whole product as one numpy array (8 bytes per combination).
+_MAX_DENSE_COMBINATIONS = 2_000_000
+#: Charge-neutral combinations tried against the Pauling test before a composition is given up on.
+_MAX_NEUTRAL_COMBINATIONS = 200_000
 _METALS = frozenset(smact.metals)
 _SYMBOL = re.compile(r"^[A-Z][a-z]?$")
 
@@ -98,7 +103,15 @@ def evaluate_composition(
     threshold = max(count for _, count in counts)
     enegs = [el.electronegativity for el in data]
     neutral = False
-    for states in _charge_balanced_candidates([el.oxidation_states for el in data], [c for _, c in counts]):
+    candidates = _charge_balanced_candidates([el.oxidation_states for el in data], [c for _, c in counts])
+    for examined, states in enumerate(candidates):
+        if examined >= _MAX_NEUTRAL_COMBINATIONS:
+            # only compositions with very many elements get here; smact itself would run for hours
+            return Evaluation(
+                True,
+                False,
+                f"stopped after {_MAX_NEUTRAL_COMBINATIONS:,} charge-neutral oxidation-state combinations",
+            )
         if not smact.neutral_ratios(states, stoichs=stoichs, threshold=threshold):
             continue
         neutral = True
@@ -119,27 +132,54 @@ def evaluate_composition(
 
 def _charge_balanced_candidates(
     states: list[tuple[int, ...]], counts: list[int]
-) -> Iterable[tuple[int, ...]]:
+) -> Iterator[tuple[int, ...]]:
     """The oxidation-state combinations whose total charge is zero, in ``itertools.product`` order.
 
     A pre-filter only: smact still decides on every combination returned. With one stoichiometry per
     site, ``neutral_ratios`` can only succeed where sum(state * count) == 0, so the other combinations
-    (typically >95%) need not go through it one Python call at a time.
+    (typically >95%) need not go through it one Python call at a time. Small searches use one numpy
+    outer sum; large ones (many elements: the product can exceed memory) walk the product depth-first,
+    pruned by the charges the remaining elements can still reach, so memory stays small.
     """
     n_combos = 1
     for options in states:
         n_combos *= len(options)
     if n_combos <= 8:
-        return itertools.product(*states)
+        yield from itertools.product(*states)
+        return
+    if n_combos > _MAX_DENSE_COMBINATIONS:
+        yield from _neutral_depth_first(states, counts)
+        return
     total = np.zeros((), dtype=np.int64)
     for options, count in zip(states, counts, strict=True):
         total = np.add.outer(total, np.asarray(options, dtype=np.int64) * count)
     hits = np.flatnonzero(total == 0)  # C order == itertools.product order
-    if hits.size == 0:
-        return ()
-    rows = np.stack(np.unravel_index(hits, total.shape), axis=1).tolist()
-    # lazily: the caller stops at the first combination that also passes the Pauling test
-    return (tuple(options[i] for options, i in zip(states, row, strict=True)) for row in rows)
+    for row in np.stack(np.unravel_index(hits, total.shape), axis=1).tolist():
+        # lazily: the caller stops at the first combination that also passes the Pauling test
+        yield tuple(options[i] for options, i in zip(states, row, strict=True))
+
+
+def _neutral_depth_first(states: list[tuple[int, ...]], counts: list[int]) -> Iterator[tuple[int, ...]]:
+    """Zero-charge combinations in product order without materialising the product."""
+    charges = [[state * count for state in options] for options, count in zip(states, counts, strict=True)]
+    # reachable[i]: every total charge elements i.. can contribute
+    reachable: list[set[int]] = [set() for _ in range(len(states) + 1)]
+    reachable[-1] = {0}
+    for i in range(len(states) - 1, -1, -1):
+        reachable[i] = {c + rest for c in charges[i] for rest in reachable[i + 1]}
+    chosen: list[int] = []
+
+    def walk(i: int, partial: int) -> Iterator[tuple[int, ...]]:
+        if i == len(states):
+            yield tuple(chosen)
+            return
+        for state, charge in zip(states[i], charges[i], strict=True):
+            if -(partial + charge) in reachable[i + 1]:
+                chosen.append(state)
+                yield from walk(i + 1, partial + charge)
+                chosen.pop()
+
+    yield from walk(0, 0)
 
 
 #: (reduced formula or None, reason or None, reduced counts as (symbol, count) pairs or None)

@@ -231,3 +231,28 @@ def test_convenience_functions() -> None:
     frame = check_formulas(["MgO", "Fe4O6"])
     assert frame["reduced_formula"].tolist() == ["MgO", "Fe2O3"]
     assert math.isclose(frame["valid"].mean(), 1.0)
+
+
+def test_many_element_compositions_neither_crash_nor_blow_up_memory():
+    """A 23-element decode once made the zero-charge search allocate tens of GiB; now it is walked lazily."""
+    import itertools
+
+    from agd.chem.validity import _neutral_depth_first
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # the lazy walk yields exactly the zero-charge combinations, in product order
+        k = int(rng.integers(2, 6))
+        states = [
+            tuple(int(s) for s in rng.choice(np.arange(-4, 8), size=int(rng.integers(1, 4)), replace=False))
+            for _ in range(k)
+        ]
+        counts = [int(c) for c in rng.integers(1, 6, size=k)]
+        dense = [
+            c for c in itertools.product(*states) if sum(a * b for a, b in zip(c, counts, strict=True)) == 0
+        ]
+        assert list(_neutral_depth_first(states, counts)) == dense
+    result = ValidityChecker().check(
+        ["LiBeBNaMgAlSiPSClKCaScTiVCrMnFeCoNiCuZnGaO", "LiBeBNaMgAlSiPSClKCaScO", "NaCl"]
+    )
+    assert result["reason"].iloc[0] == "not charge neutral"
+    assert result["valid"].tolist() == [False, True, True]
