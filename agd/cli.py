@@ -39,7 +39,9 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     tmp.replace(out)
     info_path = out.with_suffix(".source.json")
     info_path.write_text(json.dumps(info, indent=2, default=str))
-    print(f"fetched {len(raw):,} rows from {info.get('kind')} ({info.get('path') or info.get('reason', '')}) -> {out}")
+    print(
+        f"fetched {len(raw):,} rows from {info.get('kind')} ({info.get('path') or info.get('reason', '')}) -> {out}"
+    )
     return 0
 
 
@@ -51,7 +53,9 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     raw_path = Path(args.raw)
     if not raw_path.exists():
-        raise UserError(f"{raw_path}: no raw table; run `agd data fetch` (or `dvc repro pipelines/dvc.yaml`) first")
+        raise UserError(
+            f"{raw_path}: no raw table; run `agd data fetch` (or `dvc repro pipelines/dvc.yaml`) first"
+        )
     raw = pd.read_parquet(raw_path)
     prepared = prepare_dataset(raw, params.prepare)
     paths = write_prepared(prepared, Path(args.out_dir), Path(args.metrics) if args.metrics else None)
@@ -84,6 +88,120 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# models
+def _write_metrics(path: str | None, metrics: dict) -> None:
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, default=str))
+    tmp.replace(target)
+
+
+def _tracked(stage: str, params, logged: dict, run_name: str, no_mlflow: bool, body) -> dict:
+    """Run ``body(on_epoch)`` inside an MLflow run (per-epoch metrics with step=epoch) and log its result."""
+    if no_mlflow:
+        return body(None)
+    from agd.tracking.mlflow import log_metrics, stage_run
+
+    with stage_run(stage, params.tracking, logged, run_name=run_name) as run:
+        metrics = body(lambda epoch, values: log_metrics(values, step=epoch))
+        log_metrics(metrics)
+        print(f"MLflow run {run.info.run_id}")
+    return metrics
+
+
+def _require(path: Path, what: str, command: str) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: no {what}; run `{command}` (or `dvc repro pipelines/dvc.yaml`) first")
+
+
+def _cmd_train_oracle(args: argparse.Namespace) -> int:
+    from agd.models.oracle import run_oracle_stage
+
+    params = load_params(args.params)
+    prepared = Path(args.prepared)
+    _require(prepared, "prepared dataset", "agd data prepare")
+    logged = {"oracle": params.oracle.model_dump()}
+    metrics = _tracked(
+        "oracle",
+        params,
+        logged,
+        "train-oracle",
+        args.no_mlflow,
+        lambda on_epoch: run_oracle_stage(prepared, Path(args.out), params.oracle, on_epoch=on_epoch),
+    )
+    _write_metrics(args.metrics, metrics)
+    print(f"oracle -> {args.out}; metrics -> {args.metrics}")
+    return 0
+
+
+def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
+    from agd.models.autoencoder import run_autoencoder_stage
+
+    params = load_params(args.params)
+    prepared = Path(args.prepared)
+    _require(prepared, "prepared dataset", "agd data prepare")
+    logged = {"autoencoder": params.autoencoder.model_dump(), "encoding": params.encoding.model_dump()}
+    metrics = _tracked(
+        "autoencoder",
+        params,
+        logged,
+        "train-autoencoder",
+        args.no_mlflow,
+        lambda on_epoch: run_autoencoder_stage(
+            prepared, Path(args.out), params.encoding, params.autoencoder, on_epoch=on_epoch
+        ),
+    )
+    _write_metrics(args.metrics, metrics)
+    print(f"autoencoder -> {args.out}; metrics -> {args.metrics}")
+    return 0
+
+
+def _cmd_train_gan(args: argparse.Namespace) -> int:
+    from agd.models.gan import train_gan_to_dir
+
+    params = load_params(args.params)
+    logged = {"gan": params.gan.model_dump(), "validity": params.validity.model_dump()}
+    metrics = _tracked(
+        "gan",
+        params,
+        logged,
+        "train-gan",
+        args.no_mlflow,
+        lambda on_epoch: train_gan_to_dir(params.gan, Path(args.out), params.validity, on_epoch=on_epoch),
+    )
+    _write_metrics(args.metrics, metrics)
+    print(f"generator -> {args.out}; metrics -> {args.metrics}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from agd.models.gan import generate_candidates
+
+    params = load_params(args.params)
+    gan_dir = Path(args.gan)
+    _require(gan_dir, "trained generator", "agd train gan")
+    cfg = params.generate
+    if args.n_samples is not None:
+        cfg = cfg.model_copy(update={"n_samples": args.n_samples})
+    run_id = args.run_id or f"gan-seed{cfg.seed}-n{cfg.n_samples}"
+    logged = {"generate": cfg.model_dump(), "validity": params.validity.model_dump(), "run_id": run_id}
+    metrics = _tracked(
+        "generate",
+        params,
+        logged,
+        "generate",
+        args.no_mlflow,
+        lambda _on_epoch: generate_candidates(gan_dir, Path(args.out), cfg, params.validity, None, run_id),
+    )
+    _write_metrics(args.metrics, metrics)
+    print(f"candidates -> {args.out}; metrics -> {args.metrics}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # chemistry utilities
 def _cmd_chem_check(args: argparse.Namespace) -> int:
     import pandas as pd
@@ -105,14 +223,18 @@ def _cmd_chem_check(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # catalog
 def _cmd_catalog(args: argparse.Namespace) -> int:
-    from agd.tracking.catalog import CatalogReader, build_catalog
+    from agd.tracking.catalog import CatalogReader, Load, build_catalog
 
     params = load_params(args.params)
     db = Path(args.db or params.catalog.path)
     dataset = Path(args.dataset)
-    if not dataset.exists():
-        raise UserError(f"{dataset}: no prepared dataset; run `agd data prepare` first")
-    build_catalog(db, dataset, dataset_name=args.name)
+    _require(dataset, "prepared dataset", "agd data prepare")
+    extra = []
+    if args.candidates:
+        candidates = Path(args.candidates)
+        _require(candidates, "candidate table", "agd generate")
+        extra.append(Load("candidates", candidates))
+    build_catalog(db, dataset, dataset_name=args.name, extra=extra)
     with CatalogReader(db) as reader:
         counts = reader.tables()
     print(f"catalog {db}: " + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
@@ -127,11 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Active generative design of inorganic materials. Pipeline stages run through "
         "`dvc repro pipelines/dvc.yaml`; each stage is also a sub-command here.",
     )
-    parser.add_argument("--params", default=None, help="parameter file (default: params.yaml at the project root)")
+    parser.add_argument(
+        "--params", default=None, help="parameter file (default: params.yaml at the project root)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    data = sub.add_parser("data", help="fetch and prepare the band-gap dataset", description="Dataset stages.")
+    data = sub.add_parser(
+        "data", help="fetch and prepare the band-gap dataset", description="Dataset stages."
+    )
     data_sub = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
     fetch = data_sub.add_parser(
         "fetch",
@@ -151,12 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
         "composition, apply the size filters and write a seeded train/val/test split.",
     )
     prep.add_argument("--raw", default="data/raw/dataset.parquet", help="raw table from `agd data fetch`")
-    prep.add_argument("--out-dir", default="data/prepared", help="folder for dataset.parquet, rejects.csv, summary.json")
-    prep.add_argument("--metrics", default="metrics/data.json", help="copy of the summary for DVC metrics ('' for none)")
+    prep.add_argument(
+        "--out-dir", default="data/prepared", help="folder for dataset.parquet, rejects.csv, summary.json"
+    )
+    prep.add_argument(
+        "--metrics", default="metrics/data.json", help="copy of the summary for DVC metrics ('' for none)"
+    )
     prep.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     prep.set_defaults(func=_cmd_data_prepare)
 
-    chem = sub.add_parser("chem", help="composition chemistry utilities", description="Composition chemistry.")
+    chem = sub.add_parser(
+        "chem", help="composition chemistry utilities", description="Composition chemistry."
+    )
     chem_sub = chem.add_subparsers(dest="chem_command", metavar="TOOL", required=True)
     check = chem_sub.add_parser(
         "check",
@@ -167,6 +299,56 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--file", help="a text file with one formula per line")
     check.set_defaults(func=_cmd_chem_check)
 
+    train = sub.add_parser("train", help="train a model", description="Model training stages.")
+    train_sub = train.add_subparsers(dest="model", metavar="MODEL", required=True)
+    oracle = train_sub.add_parser(
+        "oracle",
+        help="Roost ensemble + Magpie random forest band-gap oracle (params: oracle)",
+        description="Train the band-gap oracle with the paper's Exp1 protocol (train on 'train', early-stop on "
+        "'val', report R2/MAE/RMSE on 'test' and on the paper's 500-row test rows), then refit on all data.",
+    )
+    oracle.add_argument("--prepared", default="data/prepared/dataset.parquet", help="prepared dataset")
+    oracle.add_argument("--out", default="models/oracle", help="model folder")
+    oracle.add_argument("--metrics", default="metrics/oracle.json", help="DVC metrics file ('' for none)")
+    oracle.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    oracle.set_defaults(func=_cmd_train_oracle)
+    ae = train_sub.add_parser(
+        "autoencoder",
+        help="composition autoencoder to the 128-d latent space (params: autoencoder, encoding)",
+        description="Train the conv autoencoder on the one-hot composition matrices of the prepared data; "
+        "report exact reconstruction on held-out formulas and save the latent bounds.",
+    )
+    ae.add_argument("--prepared", default="data/prepared/dataset.parquet", help="prepared dataset")
+    ae.add_argument("--out", default="models/autoencoder", help="model folder")
+    ae.add_argument("--metrics", default="metrics/autoencoder.json", help="DVC metrics file ('' for none)")
+    ae.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    ae.set_defaults(func=_cmd_train_autoencoder)
+    gan = train_sub.add_parser(
+        "gan",
+        help="MATGAN-style WGAN-GP composition generator (params: gan)",
+        description="Train the composition WGAN-GP on the formula list in gan.training_data.",
+    )
+    gan.add_argument("--out", default="models/gan", help="model folder")
+    gan.add_argument("--metrics", default="metrics/gan.json", help="DVC metrics file ('' for none)")
+    gan.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    gan.set_defaults(func=_cmd_train_gan)
+
+    generate = sub.add_parser(
+        "generate",
+        help="sample candidate formulas from the generator (params: generate, validity)",
+        description="Sample N formulas from the trained generator in chunks (resumable), apply the size trims, "
+        "check charge neutrality and electronegativity balance, de-duplicate and mark novelty.",
+    )
+    generate.add_argument("--gan", default="models/gan", help="trained generator folder")
+    generate.add_argument(
+        "--out", default="data/generated/candidates.parquet", help="unique candidates (parquet)"
+    )
+    generate.add_argument("--metrics", default="metrics/generate.json", help="DVC metrics file ('' for none)")
+    generate.add_argument("--n-samples", type=int, default=None, help="override generate.n_samples")
+    generate.add_argument("--run-id", default=None, help="provenance id stored with every candidate")
+    generate.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    generate.set_defaults(func=_cmd_generate)
+
     cat = sub.add_parser(
         "catalog",
         help="load stage outputs into the DuckDB catalog (params: catalog)",
@@ -175,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     cat.add_argument("--db", default=None, help="DuckDB file (default: catalog.path in params.yaml)")
     cat.add_argument("--dataset", default="data/prepared/dataset.parquet", help="prepared dataset parquet")
     cat.add_argument("--name", default="prepared", help="dataset name in the catalog")
+    cat.add_argument("--candidates", default=None, help="generated candidates parquet (from `agd generate`)")
     cat.set_defaults(func=_cmd_catalog)
     return parser
 
@@ -183,7 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agd`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (UserError, ConfigError) as exc:

@@ -1,4 +1,5 @@
-"""End to end: `dvc repro pipelines/dvc.yaml` in a scratch project, then a second repro that does nothing."""
+"""End to end: `dvc repro pipelines/dvc.yaml` with the tiny parameter set in a scratch project, then a second
+repro that does nothing."""
 
 import json
 import os
@@ -31,7 +32,7 @@ def _run(cmd, cwd, env):
     return proc.stdout + proc.stderr
 
 
-def test_dvc_repro_fetch_prepare_catalog(tmp_path, shared_data):
+def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     project = tmp_path / "project"
     (project / "pipelines").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "pipelines" / "dvc.yaml", project / "pipelines" / "dvc.yaml")
@@ -42,7 +43,7 @@ def test_dvc_repro_fetch_prepare_catalog(tmp_path, shared_data):
         ignore_index=True,
     )
     table.to_csv(project / "mixed.csv", index=False)
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = yaml.safe_load((REPO_ROOT / "params.tiny.yaml").read_text())
     params["data"]["path"] = "mixed.csv"
     (project / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -62,13 +63,32 @@ def test_dvc_repro_fetch_prepare_catalog(tmp_path, shared_data):
     assert rejects["code"].tolist() == ["empty", "unknown_element", "negative_gap", "bad_gap", "fractional"]
 
     with sqlite3.connect(project / "mlflow.db") as db:
-        runs = db.execute("select name, status from runs").fetchall()
-        logged = dict(db.execute("select key, value from metrics").fetchall())
-    assert runs == [("prepare", "FINISHED")]
+        runs = dict(db.execute("select name, status from runs").fetchall())
+        prepare_id = db.execute("select run_uuid from runs where name = 'prepare'").fetchone()[0]
+        logged = dict(
+            db.execute("select key, value from metrics where run_uuid = ?", (prepare_id,)).fetchall()
+        )
+        epochs = db.execute(
+            "select count(distinct m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
+            "where r.name = 'train-autoencoder' and m.key = 'val_loss'"
+        ).fetchone()[0]
+    assert runs == {
+        "prepare": "FINISHED",
+        "train-oracle": "FINISHED",
+        "train-autoencoder": "FINISHED",
+        "train-gan": "FINISHED",
+        "generate": "FINISHED",
+    }
     assert logged["rows_out"] == 301 and logged["rejected"] == 5
+    assert epochs == params["autoencoder"]["epochs"]  # one MLflow step per epoch
 
+    for stage in ("oracle", "autoencoder", "gan", "generate"):
+        assert json.loads((project / "metrics" / f"{stage}.json").read_text()), stage
+    candidates = pd.read_parquet(project / "data" / "generated" / "candidates.parquet")
+    assert len(candidates) > 0 and candidates["reduced_formula"].is_unique
     with CatalogReader(project / "agd.duckdb") as reader:
-        assert reader.tables()["datasets"] == 301
+        counts = reader.tables()
+    assert counts["datasets"] == 301 and counts["candidates"] == len(candidates)
 
     second = _run(["dvc", "repro", "pipelines/dvc.yaml"], project, env)
     assert "Running stage" not in second

@@ -1,0 +1,1 @@
+"""Models: band-gap oracles, the composition autoencoder and the composition GAN."""

@@ -1,0 +1,848 @@
+"""MATGAN-style composition generator: a WGAN-GP on one-hot composition matrices.
+
+Dan et al. (npj Comput. Mater. 6, 84, 2020) train a Wasserstein GAN on known compositions encoded as
+elements x counts one-hot matrices, then sample about a million hypothetical formulas from it. Here:
+
+* the generator maps Gaussian noise to logits of shape (elements, max_count + 1) and takes a softmax
+  over the count axis, so each element row is a distribution over the counts 0..max_count;
+* the critic is an MLP on the flattened matrix; training is WGAN-GP (Gulrajani et al. 2017): a
+  gradient penalty on random interpolates, ``n_critic`` critic steps per generator step, Adam;
+* a sample is exactly what the critic is shown during training (:meth:`Generator.fake`): by default
+  one count drawn per element from its row (Gumbel-max, straight-through gradient), decoded with
+  :meth:`~agd.chem.encoding.Vocabulary.decode_probabilities`.
+
+An epoch is one pass of the real data through the critic (``len(data) / batch_size / n_critic``
+generator steps). Sampling streams in chunks whose noise is seeded by (seed, chunk index), so any chunk
+can be drawn again on its own; that is what makes :func:`generate_candidates` resumable.
+
+The paper's trims (atoms <= 20, elements <= 5, atoms per element <= 7) apply to the *reduced*
+composition, the identity of a candidate: a reduced formula is in or out whichever multiple was sampled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from agd.chem.encoding import Vocabulary
+from agd.chem.formula import FormulaError, formula_key, parse_formula, reduce_counts, reduced_formula
+from agd.chem.validity import ValidityChecker
+from agd.config import GanConfig, GenerateConfig, ValidityConfig
+
+log = logging.getLogger(__name__)
+
+#: ``GanConfig.training_data = "prepared"`` means this table (relative to the project root).
+PREPARED_DATASET = Path("data/prepared/dataset.parquet")
+#: Formula columns looked for in a training table, in this order.
+FORMULA_COLUMNS = ("formula", "reduced_formula", "composition")
+#: Columns of the candidate table written by :func:`generate_candidates`.
+CANDIDATE_COLUMNS = [
+    "run_id",
+    "formula",
+    "reduced_formula",
+    "n_elements",
+    "n_atoms",
+    "max_count",
+    "charge_neutral",
+    "electronegativity_balanced",
+    "valid",
+    "novel",
+    "reason",
+    "source",
+    "n_sampled",
+    "first_sample",
+]
+SAMPLE_COLUMNS = ["sample", "formula", "reason", "n_elements", "n_atoms", "max_count", "divisor"]
+
+_FORMAT = "agd-gan/1"
+_PARTS_FORMAT = "agd-gan-candidates/1"
+_PART_META_KEY = b"agd_gan_chunk"
+#: Rows per generator forward pass while sampling (bounds memory; fixed so samples never depend on it).
+_FORWARD_BATCH = 8192
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# trims
+@dataclass(frozen=True)
+class Trims:
+    """Size limits on a composition; None switches a limit off."""
+
+    max_atoms: int | None = 20
+    max_elements: int | None = 5
+    max_atoms_per_element: int | None = 7
+
+    @classmethod
+    def from_generate_config(cls, cfg: GenerateConfig) -> Trims:
+        """The trims of the ``generate`` stage."""
+        return cls(cfg.max_atoms, cfg.max_elements, cfg.max_atoms_per_element)
+
+    @classmethod
+    def from_gan_config(cls, cfg: GanConfig) -> Trims:
+        """The trims applied to the GAN's training formulas."""
+        return cls(cfg.max_atoms, cfg.max_elements, cfg.max_count)
+
+    def mask(self, n_atoms: np.ndarray, n_elements: np.ndarray, max_count: np.ndarray) -> np.ndarray:
+        """True where a composition with these statistics passes every trim."""
+        ok = np.asarray(n_elements) > 0
+        for limit, values in (
+            (self.max_atoms, n_atoms),
+            (self.max_elements, n_elements),
+            (self.max_atoms_per_element, max_count),
+        ):
+            if limit is not None:
+                ok &= np.asarray(values) <= limit
+        return ok
+
+    def misfit(self, counts: Mapping[str, int]) -> str | None:
+        """Which trim ``counts`` breaks (None when it passes all)."""
+        if self.max_atoms_per_element is not None and max(counts.values()) > self.max_atoms_per_element:
+            return "max_atoms_per_element"
+        if self.max_elements is not None and len(counts) > self.max_elements:
+            return "max_elements"
+        if self.max_atoms is not None and sum(counts.values()) > self.max_atoms:
+            return "max_atoms"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# networks
+def _mlp(width: int, hidden: Sequence[int], out: int, activation: Callable[[], nn.Module]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for size in hidden:
+        layers += [nn.Linear(width, size), activation()]
+        width = size
+    layers.append(nn.Linear(width, out))
+    return nn.Sequential(*layers)
+
+
+class Generator(nn.Module):
+    """Noise -> one distribution over counts 0..max_count per element (softmax over the count axis).
+
+    What the critic is shown (:meth:`fake`) depends on ``output``:
+
+    * ``"gumbel"``: one-hot counts drawn from each row's distribution (Gumbel-max), with the softmax's
+      gradient (straight-through). Independent draws per element break a composition's correlations
+      unless the rows are confident, so the generator learns to be confident and the most probable
+      counts (what sampling decodes) follow the data.
+    * ``"argmax"``: one-hot of the most probable counts, straight-through. Nothing asks for confidence:
+      rows stay near uniform and small changes flip many elements at once (unstable in our runs).
+    * ``"soft"``: the probabilities themselves (MATGAN). The critic tells them from one-hot data by
+      their softness, and a generator close in Wasserstein distance can still decode to nothing (every
+      count-0 cell just above the others).
+    """
+
+    def __init__(
+        self,
+        noise_dim: int,
+        n_elements: int,
+        n_counts: int,
+        hidden: Sequence[int] = (256, 512),
+        output: str = "gumbel",
+    ) -> None:
+        super().__init__()
+        if output not in ("gumbel", "argmax", "soft"):
+            raise ValueError(f"unknown generator output {output!r}: choose gumbel, argmax or soft")
+        self.noise_dim, self.n_elements, self.n_counts = noise_dim, n_elements, n_counts
+        self.output = output
+        self.net = _mlp(noise_dim, hidden, n_elements * n_counts, nn.ReLU)
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        """Probabilities of shape (batch, n_elements, n_counts); each element row sums to 1."""
+        logits = self.net(noise).view(-1, self.n_elements, self.n_counts)
+        return torch.softmax(logits, dim=-1)
+
+    def fake(self, noise: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+        """What the critic is shown: one-hot counts (straight-through gradient) or the probabilities."""
+        probs = self(noise)
+        if self.output == "soft":
+            return probs
+        scores = probs
+        if self.output == "gumbel":
+            uniform = torch.rand(probs.shape, generator=rng).to(probs.device).clamp_(1e-12, 1 - 1e-7)
+            scores = probs.clamp_min(1e-12).log() - (-uniform.log()).log()
+        return _StraightThrough.apply(probs, scores.detach())
+
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal input noise (batch, noise_dim) on the module's device."""
+        device = next(self.parameters()).device
+        return torch.randn(n, self.noise_dim, generator=generator).to(device)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: one-hot of the best-scoring count; backward: the gradient goes to the probabilities."""
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(scores.argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class Critic(nn.Module):
+    """Composition matrix -> unbounded score; no normalisation layers (the gradient penalty is per sample)."""
+
+    def __init__(self, n_elements: int, n_counts: int, hidden: Sequence[int] = (512, 256)) -> None:
+        super().__init__()
+        self.net = _mlp(n_elements * n_counts, hidden, 1, lambda: nn.LeakyReLU(0.2))
+
+    def forward(self, matrices: torch.Tensor) -> torch.Tensor:
+        """Scores of shape (batch,)."""
+        return self.net(matrices.flatten(1)).squeeze(-1)
+
+
+def build_networks(cfg: GanConfig, vocab: Vocabulary) -> tuple[Generator, Critic]:
+    """Untrained generator and critic for ``vocab``'s matrix shape."""
+    n_elements, n_counts = vocab.shape
+    return (
+        Generator(cfg.noise_dim, n_elements, n_counts, cfg.generator_hidden, cfg.output),
+        Critic(n_elements, n_counts, cfg.critic_hidden),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# training data
+def read_training_compositions(
+    source: str | os.PathLike | pd.DataFrame,
+    cfg: GanConfig,
+    validity_cfg: ValidityConfig | None = None,
+    root: str | os.PathLike | None = None,
+) -> tuple[list[dict[str, int]], dict]:
+    """Reduced, de-duplicated, trimmed compositions of a formula table, and a summary of what was dropped.
+
+    ``source`` is a CSV/parquet path, ``"prepared"`` (the prepared dataset under ``root``) or a DataFrame.
+    The summary's ``known_formulas`` lists the reduced formula of every parsable row (before the trims
+    and the validity filter): the reference set for novelty.
+    """
+    frame = _read_table(source, root)
+    column = next((c for c in FORMULA_COLUMNS if c in frame.columns), None)
+    if column is None:
+        raise ValueError(
+            f"training data has none of the formula columns {FORMULA_COLUMNS}: {list(frame.columns)}"
+        )
+    trims = Trims.from_gan_config(cfg)
+    seen: set[tuple[tuple[str, int], ...]] = set()
+    compositions: list[dict[str, int]] = []
+    dropped = {"unparsable": 0, "duplicate": 0, "max_atoms_per_element": 0, "max_elements": 0, "max_atoms": 0}
+    known: list[dict[str, int]] = []
+    for text in frame[column].to_numpy(dtype=object):
+        try:
+            counts = reduce_counts(parse_formula(text))
+        except FormulaError:
+            dropped["unparsable"] += 1
+            continue
+        item = tuple(sorted(counts.items()))
+        if item in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(item)
+        known.append(counts)
+        why = trims.misfit(counts)
+        if why is not None:
+            dropped[why] += 1
+            continue
+        compositions.append(counts)
+    dropped["invalid"] = 0
+    if cfg.valid_only and compositions:
+        valid = ValidityChecker(validity_cfg).check_counts(compositions)["valid"].to_numpy()
+        dropped["invalid"] = int((~valid).sum())
+        compositions = [c for c, ok in zip(compositions, valid, strict=True) if ok]
+    if not compositions:
+        raise ValueError(f"no training compositions left after the trims and filters (dropped: {dropped})")
+    summary = {
+        "rows": len(frame),
+        "column": column,
+        "dropped": dropped,
+        "compositions": len(compositions),
+        "known_formulas": [reduced_formula(c) for c in known],
+    }
+    return compositions, summary
+
+
+def _read_table(source: str | os.PathLike | pd.DataFrame, root: str | os.PathLike | None) -> pd.DataFrame:
+    if isinstance(source, pd.DataFrame):
+        return source
+    base = Path(root) if root is not None else Path.cwd()
+    path = base / PREPARED_DATASET if str(source) == "prepared" else base / Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such training table")
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    # keep_default_na=False: the formula "NaN" (sodium nitride) must stay text
+    return pd.read_csv(path, keep_default_na=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+def _critic_terms(
+    critic: Critic, real: torch.Tensor, fake: torch.Tensor, rng: torch.Generator, gp_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(critic loss, Wasserstein estimate, gradient penalty) for one batch."""
+    wasserstein = critic(real).mean() - critic(fake).mean()
+    eps = torch.rand(real.shape[0], 1, 1, generator=rng).to(real.device)
+    mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
+    penalty = ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    return -wasserstein + gp_weight * penalty, wasserstein, penalty
+
+
+def train_gan(
+    compositions: Sequence[Mapping[str, int]],
+    vocab: Vocabulary,
+    cfg: GanConfig,
+    on_epoch: EpochCallback | None = None,
+    *,
+    validity_cfg: ValidityConfig | None = None,
+    known_formulas: Iterable[str] | None = None,
+    progress: bool = True,
+) -> tuple[Generator, Critic, list[dict[str, float]]]:
+    """Train a WGAN-GP on ``compositions``; deterministic for a seed on CPU; history has one row per epoch.
+
+    Epoch 0 is the untrained baseline (losses on one batch, no update). Each row holds critic_loss,
+    generator_loss, wasserstein (critic score gap real - fake), gradient_penalty, seconds and, when
+    ``cfg.quality_samples`` > 0, the :func:`sample_quality` figures of that many fixed-noise samples
+    (novelty against ``known_formulas``, default the training compositions).
+    """
+    device = torch.device(cfg.device)
+    counts = torch.as_tensor(vocab.counts_matrix(compositions), dtype=torch.long)
+    n = len(counts)
+    batch_size = min(cfg.batch_size, n)
+    n_batches = n // batch_size
+    n_counts = vocab.shape[1]
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
+        torch.manual_seed(cfg.seed)
+        generator, critic = build_networks(cfg, vocab)
+    generator.to(device)
+    critic.to(device)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.learning_rate, betas=cfg.betas)
+    opt_c = torch.optim.Adam(critic.parameters(), lr=cfg.learning_rate, betas=cfg.betas)
+    keys = set(known_formulas) if known_formulas is not None else {reduced_formula(c) for c in compositions}
+    checker = ValidityChecker(validity_cfg)
+    trims = Trims.from_gan_config(cfg)
+
+    def one_hot(idx: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(counts[idx], n_counts).float().to(device)
+
+    def quality() -> dict[str, float]:
+        if cfg.quality_samples <= 0:
+            return {}
+        q = sample_quality(
+            generator,
+            vocab,
+            cfg.quality_samples,
+            seed=cfg.seed,
+            known_formulas=keys,
+            checker=checker,
+            trims=trims,
+        )
+        generator.train()
+        return {k: v for k, v in q.items() if k not in ("n", "seconds")}
+
+    history: list[dict[str, float]] = []
+
+    def record(epoch: int, metrics: dict[str, float]) -> None:
+        history.append({"epoch": epoch, **metrics})
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+    # epoch 0: the untrained baseline, on a batch drawn from a separate RNG so training is unaffected
+    probe = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[:batch_size]
+    real = one_hot(probe)
+    with torch.no_grad():
+        probe_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        fake = generator.fake(generator.noise(batch_size, probe_rng), probe_rng)
+        g_loss0 = -critic(fake).mean().item()
+    loss0, w0, gp0 = _critic_terms(
+        critic, real, fake, torch.Generator().manual_seed(cfg.seed + 1), cfg.gp_weight
+    )
+    record(
+        0,
+        {
+            "critic_loss": loss0.item(),
+            "generator_loss": g_loss0,
+            "wasserstein": w0.item(),
+            "gradient_penalty": gp0.item(),
+            "seconds": 0.0,
+            **quality(),
+        },
+    )
+
+    bar = tqdm(range(1, cfg.epochs + 1), desc="gan", unit="epoch", disable=not progress)
+    for epoch in bar:
+        start = time.perf_counter()
+        generator.train()
+        critic.train()
+        order = torch.randperm(n, generator=rng)
+        sums = {"critic_loss": 0.0, "wasserstein": 0.0, "gradient_penalty": 0.0, "generator_loss": 0.0}
+        c_steps = g_steps = 0
+        for b in range(n_batches):
+            real = one_hot(order[b * batch_size : (b + 1) * batch_size])
+            with torch.no_grad():
+                fake = generator.fake(generator.noise(batch_size, rng), rng)
+            loss, w, gp = _critic_terms(critic, real, fake, rng, cfg.gp_weight)
+            opt_c.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_c.step()
+            sums["critic_loss"] += loss.item()
+            sums["wasserstein"] += w.item()
+            sums["gradient_penalty"] += gp.item()
+            c_steps += 1
+            if (b + 1) % cfg.n_critic == 0:
+                g_loss = -critic(generator.fake(generator.noise(batch_size, rng), rng)).mean()
+                opt_g.zero_grad(set_to_none=True)
+                g_loss.backward()
+                opt_g.step()
+                sums["generator_loss"] += g_loss.item()
+                g_steps += 1
+        metrics = {k: v / max(c_steps, 1) for k, v in sums.items() if k != "generator_loss"}
+        metrics["generator_loss"] = sums["generator_loss"] / g_steps if g_steps else float("nan")
+        metrics["seconds"] = time.perf_counter() - start
+        metrics.update(quality())
+        record(epoch, metrics)
+        bar.set_postfix(
+            w=f"{metrics['wasserstein']:.3f}",
+            valid=f"{metrics.get('validity_rate', float('nan')):.2f}",
+            refresh=False,
+        )
+    generator.eval()
+    critic.eval()
+    return generator, critic, history
+
+
+# ---------------------------------------------------------------------------------------------
+# persistence
+@dataclass(frozen=True)
+class GanBundle:
+    """A trained GAN as saved by :func:`save_gan`."""
+
+    generator: Generator
+    critic: Critic
+    vocab: Vocabulary
+    config: GanConfig
+    history: list[dict[str, float]]
+    known_formulas: list[str] | None
+
+
+def save_gan(
+    directory: str | os.PathLike,
+    generator: Generator,
+    critic: Critic,
+    vocab: Vocabulary,
+    cfg: GanConfig,
+    history: Sequence[Mapping[str, float]] = (),
+    known_formulas: Iterable[str] | None = None,
+) -> Path:
+    """Write generator.pt, critic.pt, vocab.json, config.json, history.json (and known_formulas.txt)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(generator.state_dict(), out / "generator.pt")
+    torch.save(critic.state_dict(), out / "critic.pt")
+    vocab.save(out / "vocab.json")
+    meta = {"format": _FORMAT, "gan": cfg.model_dump(mode="json"), "torch": torch.__version__}
+    (out / "config.json").write_text(json.dumps(meta, indent=1))
+    (out / "history.json").write_text(json.dumps([_finite(row) for row in history], indent=1))
+    if known_formulas is not None:
+        (out / "known_formulas.txt").write_text("\n".join(sorted(set(known_formulas))) + "\n")
+    return out
+
+
+def _finite(row: Mapping[str, float]) -> dict[str, float | None]:
+    """A metrics row with NaN written as null, so the JSON is strict."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+def load_gan(directory: str | os.PathLike, device: str = "cpu") -> GanBundle:
+    """Read a GAN written by :func:`save_gan` (networks in eval mode)."""
+    src = Path(directory)
+    meta = json.loads((src / "config.json").read_text())
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{src}: not a GAN folder written by save_gan (format {meta.get('format')!r})")
+    cfg = GanConfig.model_validate(meta["gan"])
+    vocab = Vocabulary.load(src / "vocab.json")
+    generator, critic = build_networks(cfg, vocab)
+    generator.load_state_dict(torch.load(src / "generator.pt", map_location=device, weights_only=True))
+    critic.load_state_dict(torch.load(src / "critic.pt", map_location=device, weights_only=True))
+    history_path = src / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
+    known_path = src / "known_formulas.txt"
+    known = known_path.read_text().split() if known_path.exists() else None
+    return GanBundle(generator.to(device).eval(), critic.to(device).eval(), vocab, cfg, history, known)
+
+
+def train_gan_to_dir(
+    cfg: GanConfig,
+    out_dir: str | os.PathLike,
+    validity_cfg: ValidityConfig | None = None,
+    on_epoch: EpochCallback | None = None,
+    root: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """The ``train gan`` stage: read ``cfg.training_data``, train, save to ``out_dir``; return a summary."""
+    compositions, data = read_training_compositions(cfg.training_data, cfg, validity_cfg, root)
+    vocab = Vocabulary.from_compositions(compositions, cfg.max_count)
+    known = data.pop("known_formulas")
+    start = time.perf_counter()
+    generator, critic, history = train_gan(
+        compositions, vocab, cfg, on_epoch, validity_cfg=validity_cfg, known_formulas=known, progress=progress
+    )
+    seconds = time.perf_counter() - start
+    save_gan(out_dir, generator, critic, vocab, cfg, history, known)
+    epochs = [row for row in history if row["epoch"] > 0]
+    summary = {
+        "data": data,
+        "n_elements_vocab": len(vocab.elements),
+        "train_seconds": seconds,
+        "seconds_per_epoch": float(np.mean([row["seconds"] for row in epochs])) if epochs else 0.0,
+        "final": _finite(history[-1]),
+    }
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+def _chunk_rng(seed: int, chunk: int) -> torch.Generator:
+    """The noise RNG of one chunk: depends on (seed, chunk index) only."""
+    state = np.random.SeedSequence([seed % 2**64, chunk]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+def _sample_chunk(
+    generator: Generator, vocab: Vocabulary, seed: int, chunk: int, start: int, size: int
+) -> pd.DataFrame:
+    """Decoded samples ``start .. start + size - 1`` (chunk number ``chunk``)."""
+    rng = _chunk_rng(seed, chunk)
+    was_training = generator.training
+    generator.eval()
+    counts_parts, formulas, reasons = [], [], []
+    with torch.no_grad():
+        for lo in range(0, size, _FORWARD_BATCH):
+            m = min(_FORWARD_BATCH, size - lo)
+            probs = generator.fake(generator.noise(m, rng), rng).cpu().numpy()
+            decoded = vocab.decode_probabilities(probs)
+            counts_parts.append(decoded.counts)
+            formulas += decoded.formulas
+            reasons += decoded.reasons
+    generator.train(was_training)
+    counts = np.concatenate(counts_parts) if counts_parts else np.zeros((0, vocab.shape[0]), dtype=np.int16)
+    divisor = np.gcd.reduce(counts.astype(np.int64), axis=1) if len(counts) else np.zeros(0, dtype=np.int64)
+    formula_col = np.empty(size, dtype=object)
+    formula_col[:] = formulas
+    reason_col = np.empty(size, dtype=object)
+    reason_col[:] = reasons
+    return pd.DataFrame(
+        {
+            "sample": np.arange(start, start + size, dtype=np.int64),
+            "formula": formula_col,
+            "reason": reason_col,
+            "n_elements": (counts > 0).sum(axis=1).astype(np.int16),
+            "n_atoms": counts.sum(axis=1, dtype=np.int64).astype(np.int32),
+            "max_count": counts.max(axis=1, initial=0).astype(np.int16),
+            "divisor": np.maximum(divisor, 1).astype(np.int16),
+        },
+        columns=SAMPLE_COLUMNS,
+    )
+
+
+def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(start, min(chunk_size, n - start)) for start in range(0, n, chunk_size)]
+
+
+def sample_formulas(
+    generator: Generator, vocab: Vocabulary, n: int, seed: int = 0, chunk_size: int = 100_000
+) -> Iterator[pd.DataFrame]:
+    """Stream ``n`` decoded samples in chunks: sample index, formula (None + reason when not a formula),
+    n_elements, n_atoms, max_count (of the sampled counts) and divisor (their gcd: reduced = counts / divisor).
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    for chunk, (start, size) in enumerate(_chunks(n, chunk_size)):
+        yield _sample_chunk(generator, vocab, seed, chunk, start, size)
+
+
+def _reduced_stats(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n_atoms, n_elements, max_count) of the reduced compositions of a sample frame."""
+    divisor = frame["divisor"].to_numpy()
+    return (
+        frame["n_atoms"].to_numpy() // divisor,
+        frame["n_elements"].to_numpy(),
+        frame["max_count"].to_numpy() // divisor,
+    )
+
+
+def sample_quality(
+    generator: Generator,
+    vocab: Vocabulary,
+    n: int,
+    seed: int = 0,
+    chunk_size: int = 100_000,
+    *,
+    known_formulas: Iterable[str] | None = None,
+    checker: ValidityChecker | None = None,
+    validity_cfg: ValidityConfig | None = None,
+    trims: Trims | None = None,
+) -> dict[str, float]:
+    """Quality of ``n`` samples: decodable, within-trims, valid, unique and novel rates.
+
+    decodable_rate: share of samples that decode to a formula; within_trims_rate: share whose reduced
+    composition passes ``trims``; validity_rate: valid / decodable, where only compositions within the
+    trims are checked (smact's search grows exponentially with the number of elements) and the others
+    count as invalid; uniqueness: distinct reduced formulas / decodable; novelty: distinct reduced
+    formulas not in ``known_formulas`` / distinct reduced formulas. The valid_* figures are the same
+    restricted to valid samples; validity_rate_within_trims is valid / within trims; valid_unique_novel
+    counts distinct valid novel formulas. Rates are NaN when their denominator is 0 (novelty also when
+    nothing is known).
+    """
+    start = time.perf_counter()
+    checker = checker if checker is not None else ValidityChecker(validity_cfg)
+    trims = trims if trims is not None else Trims()
+    known = set(known_formulas) if known_formulas is not None else None
+    keys_parts, valid_parts = [], []
+    n_decodable = n_trimmed = 0
+    for frame in sample_formulas(generator, vocab, n, seed, chunk_size):
+        formulas = frame["formula"].to_numpy()
+        decodable = frame["formula"].notna().to_numpy()
+        inside = decodable & trims.mask(*_reduced_stats(frame))
+        n_decodable += int(decodable.sum())
+        n_trimmed += int(inside.sum())
+        checked = checker.check(formulas[inside])
+        outside = [formula_key(f) for f in formulas[decodable & ~inside]]
+        keys_parts += [checked["reduced_formula"].to_numpy(dtype=object), np.array(outside, dtype=object)]
+        valid_parts += [checked["valid"].to_numpy(), np.zeros(len(outside), dtype=bool)]
+    keys = np.concatenate(keys_parts) if keys_parts else np.zeros(0, dtype=object)
+    valid = np.concatenate(valid_parts) if valid_parts else np.zeros(0, dtype=bool)
+    unique = set(keys.tolist())
+    unique_valid = set(keys[valid].tolist())
+    n_valid = int(valid.sum())
+
+    def rate(a: float, b: float) -> float:
+        return a / b if b else math.nan
+
+    novel = len(unique - known) if known is not None else 0
+    novel_valid = len(unique_valid - known) if known is not None else 0
+    seconds = time.perf_counter() - start
+    return {
+        "n": n,
+        "decodable_rate": rate(n_decodable, n),
+        "within_trims_rate": rate(n_trimmed, n),
+        "validity_rate": rate(n_valid, n_decodable),
+        "validity_rate_within_trims": rate(n_valid, n_trimmed),
+        "uniqueness": rate(len(unique), n_decodable),
+        "novelty": rate(novel, len(unique)) if known is not None else math.nan,
+        "valid_uniqueness": rate(len(unique_valid), n_valid),
+        "valid_novelty": rate(novel_valid, len(unique_valid)) if known is not None else math.nan,
+        "valid_unique_novel": float(novel_valid),
+        "seconds": seconds,
+        "valid_unique_per_second": rate(len(unique_valid), seconds),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the generate stage
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _chunk_candidates(
+    frame: pd.DataFrame, checker: ValidityChecker, trims: Trims
+) -> tuple[pd.DataFrame, dict]:
+    """Unique reduced formulas of one sample chunk that pass the trims, with validity, and chunk counts."""
+    n_atoms, n_elements, max_count = _reduced_stats(frame)
+    decodable = frame["formula"].notna().to_numpy()
+    keep = decodable & trims.mask(n_atoms, n_elements, max_count)
+    checked = checker.check(frame["formula"].to_numpy()[keep])
+    rows = pd.DataFrame(
+        {
+            "formula": checked["formula"].to_numpy(),
+            "reduced_formula": checked["reduced_formula"].to_numpy(),
+            "n_elements": n_elements[keep].astype(np.int16),
+            "n_atoms": n_atoms[keep].astype(np.int16),
+            "max_count": max_count[keep].astype(np.int16),
+            "charge_neutral": checked["charge_neutral"].to_numpy(),
+            "electronegativity_balanced": checked["electronegativity_balanced"].to_numpy(),
+            "valid": checked["valid"].to_numpy(),
+            "reason": checked["reason"].to_numpy(dtype=object),
+            "first_sample": frame["sample"].to_numpy()[keep],
+        }
+    )
+    stats = {
+        "samples": len(frame),
+        "decodable": int(decodable.sum()),
+        "within_trims": int(keep.sum()),
+        "valid": int(rows["valid"].sum()),
+    }
+    return _merge_candidates(rows.assign(n_sampled=np.ones(len(rows), dtype=np.int64))), stats
+
+
+def _merge_candidates(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per reduced formula: the earliest sample's formula and checks, and the total count."""
+    rows = rows.sort_values("first_sample", kind="stable")
+    totals = rows.groupby("reduced_formula", sort=False)["n_sampled"].sum()
+    merged = rows.drop_duplicates("reduced_formula", keep="first").reset_index(drop=True)
+    merged["n_sampled"] = merged["reduced_formula"].map(totals).to_numpy(dtype=np.int64)
+    return merged
+
+
+def _write_part(path: Path, table: pd.DataFrame, stats: dict) -> None:
+    """Write one chunk's candidates atomically, with the chunk's counts in the parquet metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    meta = dict(arrow.schema.metadata or {})
+    meta[_PART_META_KEY] = json.dumps(stats).encode()
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(arrow.replace_schema_metadata(meta), tmp)
+    os.replace(tmp, path)
+
+
+def _read_part_stats(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    return json.loads(pq.read_schema(path).metadata[_PART_META_KEY])
+
+
+def _prepare_parts_dir(parts_dir: Path, manifest: dict) -> None:
+    """Keep finished parts only when they were made with the same generator and settings."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = parts_dir / "manifest.json"
+    old = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    if old != manifest:
+        stale = sorted(parts_dir.glob("part-*.parquet")) + sorted(parts_dir.glob(".part-*.tmp"))
+        if stale:
+            log.info("removing %d stale candidate parts in %s (settings changed)", len(stale), parts_dir)
+        for path in stale:
+            path.unlink()
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+
+
+def generate_candidates(
+    gen_dir: str | os.PathLike,
+    out_parquet: str | os.PathLike,
+    gen_cfg: GenerateConfig,
+    validity_cfg: ValidityConfig | None,
+    training_formulas: Iterable[str] | None,
+    run_id: str,
+    *,
+    parts_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """The ``generate`` stage: sample, trim, check, de-duplicate, mark novelty; write unique candidates.
+
+    Chunk results go to ``parts_dir`` (default ``<out>.parts`` beside the output) as they finish; a
+    re-run with the same generator and settings skips finished chunks, and the same seed gives the same
+    table. Novelty is against ``training_formulas`` (None: the known formulas saved with the GAN).
+    Returns JSON-ready metrics, including the :func:`sample_quality` report on ``metrics_samples``.
+    """
+    gen_path = Path(gen_dir)
+    out = Path(out_parquet)
+    bundle = load_gan(gen_path)
+    trims = Trims.from_generate_config(gen_cfg)
+    validity_cfg = validity_cfg if validity_cfg is not None else ValidityConfig()
+    if training_formulas is None:
+        if bundle.known_formulas is None:
+            raise ValueError(f"{gen_path}: no known_formulas.txt; pass training_formulas for novelty")
+        training_formulas = bundle.known_formulas
+    known = _formula_keys(training_formulas)
+    manifest = {
+        "format": _PARTS_FORMAT,
+        "generator_sha256": _file_sha256(gen_path / "generator.pt"),
+        "vocab_sha256": _file_sha256(gen_path / "vocab.json"),
+        "n_samples": gen_cfg.n_samples,
+        "chunk_size": gen_cfg.chunk_size,
+        "seed": gen_cfg.seed,
+        "trims": asdict(trims),
+        "validity": validity_cfg.model_dump(mode="json"),
+        "smact": version("smact"),
+    }
+    parts = Path(parts_dir) if parts_dir is not None else out.with_name(f"{out.stem}.parts")
+    _prepare_parts_dir(parts, manifest)
+    checker = ValidityChecker(validity_cfg, n_jobs=gen_cfg.n_jobs)
+    chunks = _chunks(gen_cfg.n_samples, gen_cfg.chunk_size)
+    resumed = 0
+    start = time.perf_counter()
+    for chunk, (first, size) in enumerate(tqdm(chunks, desc="generate", unit="chunk", disable=not progress)):
+        path = parts / f"part-{chunk:05d}.parquet"
+        if path.exists():
+            resumed += 1
+            continue
+        t0 = time.perf_counter()
+        frame = _sample_chunk(bundle.generator, bundle.vocab, gen_cfg.seed, chunk, first, size)
+        table, stats = _chunk_candidates(frame, checker, trims)
+        stats["seconds"] = time.perf_counter() - t0
+        _write_part(path, table, stats)
+    paths = [parts / f"part-{chunk:05d}.parquet" for chunk in range(len(chunks))]
+    totals = {"samples": 0, "decodable": 0, "within_trims": 0, "valid": 0, "seconds": 0.0}
+    for path in paths:
+        for key, value in _read_part_stats(path).items():
+            totals[key] += value
+    merged = _merge_candidates(pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True))
+    merged["novel"] = ~merged["reduced_formula"].isin(known)
+    merged["run_id"] = run_id
+    merged["source"] = "gan"
+    merged = merged[CANDIDATE_COLUMNS]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    merged.to_parquet(tmp, index=False)
+    os.replace(tmp, out)
+    n_valid_unique = int(merged["valid"].sum())
+    metrics: dict = {
+        "n_samples": totals["samples"],
+        "n_decodable": totals["decodable"],
+        "n_within_trims": totals["within_trims"],
+        "n_valid_samples": totals["valid"],
+        "n_unique": len(merged),
+        "n_unique_valid": n_valid_unique,
+        "n_unique_novel": int(merged["novel"].sum()),
+        "n_unique_valid_novel": int((merged["valid"] & merged["novel"]).sum()),
+        "chunks": len(chunks),
+        "chunks_resumed": resumed,
+        "sampling_seconds": totals["seconds"],
+        "wall_seconds": time.perf_counter() - start,
+        "valid_unique_per_second": n_valid_unique / totals["seconds"] if totals["seconds"] else math.nan,
+    }
+    if gen_cfg.metrics_samples > 0:
+        metrics["quality"] = sample_quality(
+            bundle.generator,
+            bundle.vocab,
+            gen_cfg.metrics_samples,
+            seed=gen_cfg.seed,
+            chunk_size=gen_cfg.chunk_size,
+            known_formulas=known,
+            checker=checker,
+            trims=trims,
+        )
+    return metrics
+
+
+def _formula_keys(formulas: Iterable[str]) -> set[str]:
+    """Composition keys of formulas; unparsable ones are skipped."""
+    keys = set()
+    for text in formulas:
+        try:
+            keys.add(formula_key(text))
+        except FormulaError:
+            continue
+    return keys

@@ -1,0 +1,259 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from agd.chem.encoding import Vocabulary
+from agd.chem.formula import parse_formula
+from agd.config import AutoencoderConfig, EncodingConfig, PrepareConfig
+from agd.data.prepare import prepare_dataset, write_prepared
+from agd.models.autoencoder import (
+    CompositionAutoencoder,
+    latent_bounds,
+    load_autoencoder,
+    reconstruction_metrics,
+    run_autoencoder_stage,
+    save_autoencoder,
+    train_autoencoder,
+)
+from tests.conftest import read_shared_csv
+
+TINY = AutoencoderConfig(
+    latent_dim=24,
+    channels=[16, 32],
+    epochs=10,
+    batch_size=32,
+    learning_rate=1e-2,
+    loss="categorical",
+    nonzero_weight=10,
+    patience=None,
+)
+N_ROWS = 3000
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks train fastest on one thread, and far faster than on two on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prepared(shared_data, tmp_path_factory):
+    """The first rows of the paper's Exp1 set, prepared and split as the pipeline does."""
+    df = read_shared_csv(shared_data / "mp_gap_agd_exp1.csv", nrows=N_ROWS)
+    raw = pd.DataFrame(
+        {"row": np.arange(1, len(df) + 1), "formula": df["composition"], "band_gap": df["band_gap"]}
+    )
+    out = prepare_dataset(raw, PrepareConfig(seed=0))
+    paths = write_prepared(out, tmp_path_factory.mktemp("prepared"))
+    return paths["dataset"], out.dataset
+
+
+@pytest.fixture(scope="module")
+def splits(prepared):
+    table = prepared[1]
+    return {
+        s: [parse_formula(f) for f in table.loc[table["split"] == s, "reduced_formula"]]
+        for s in ("train", "val", "test")
+    }
+
+
+@pytest.fixture(scope="module")
+def vocab(splits):
+    return Vocabulary.from_compositions(splits["train"] + splits["val"] + splits["test"], max_count=20)
+
+
+@pytest.fixture(scope="module")
+def trained(splits, vocab):
+    seen = []
+    model, history, metrics = train_autoencoder(
+        splits["train"], splits["val"], vocab, TINY, on_epoch=lambda e, m: seen.append((e, m))
+    )
+    return model, history, metrics, seen
+
+
+def test_shapes_and_output_range():
+    vocab = Vocabulary.from_symbols(["H", "O", "Na", "Cl", "Fe"], max_count=4)
+    x = torch.as_tensor(vocab.encode([{"Na": 1, "Cl": 1}, {"Fe": 2, "O": 3}, {"H": 2, "O": 1}]))
+    for loss in ("bce", "categorical"):
+        model = CompositionAutoencoder.from_config(
+            vocab, AutoencoderConfig(latent_dim=7, channels=[4, 6], loss=loss)
+        )
+        z = model.encode(x)
+        probs = model.decode(z)
+        assert z.shape == (3, 7) and probs.shape == (3, 5, 5) and torch.equal(model(x), probs)
+        assert float(probs.detach().min()) >= 0 and float(probs.detach().max()) <= 1
+    assert torch.allclose(probs.sum(dim=-1), torch.ones(3, 5))  # softmax per element row
+
+
+def test_training_lowers_the_loss_and_reports_every_epoch(trained):
+    _, history, metrics, seen = trained
+    assert [e for e, _ in seen] == list(range(1, TINY.epochs + 1)) == [h["epoch"] for h in history]
+    assert set(seen[0][1]) == {"train_loss", "val_loss", "val_exact"}
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert metrics["epochs_run"] == TINY.epochs and metrics["seconds_per_epoch"] > 0
+
+
+def test_round_trip_beats_trivial_floors(trained, splits, vocab):
+    model, _, metrics, _ = trained
+    held_out = reconstruction_metrics(model, splits["test"], vocab)
+    assert held_out["n"] == len(splits["test"])
+    # floors: an empty matrix gets no formula right; the most common count of a present element
+    counts = np.concatenate([list(c.values()) for c in splits["train"]])
+    majority = np.bincount(counts).max() / len(counts)
+    absent = 1 - np.mean([len(c) for c in splits["test"]]) / len(vocab.elements)
+    assert metrics["train"]["exact"] > 0.1 and held_out["exact"] > 0.05
+    assert held_out["present_element_accuracy"] > majority
+    assert held_out["element_accuracy"] > absent
+
+
+def test_training_is_deterministic_for_a_seed(splits, vocab):
+    cfg = TINY.model_copy(update={"epochs": 2})
+    train, val = splits["train"][:500], splits["val"][:100]
+    a, history_a, _ = train_autoencoder(train, val, vocab, cfg)
+    b, history_b, _ = train_autoencoder(train, val, vocab, cfg)
+    c, _, _ = train_autoencoder(train, val, vocab, cfg.model_copy(update={"seed": 1}))
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert [h["val_loss"] for h in history_a] == [h["val_loss"] for h in history_b]
+    assert not torch.equal(a.encoder_fc.weight, c.encoder_fc.weight)
+
+
+def test_early_stopping_keeps_the_best_epoch(splits, vocab):
+    # a constant rate, so that a shorter run follows the same path
+    cfg = TINY.model_copy(
+        update={"epochs": 40, "learning_rate": 0.05, "patience": 2, "lr_schedule": "constant"}
+    )
+    model, history, metrics = train_autoencoder(splits["train"][:300], splits["val"][:100], vocab, cfg)
+    val_losses = [h["val_loss"] for h in history]
+    assert metrics["epochs_run"] < cfg.epochs
+    assert metrics["best_epoch"] == 1 + int(np.argmin(val_losses))
+    assert metrics["epochs_run"] == metrics["best_epoch"] + cfg.patience
+    # the returned weights are those of the best epoch
+    again, _, _ = train_autoencoder(
+        splits["train"][:300],
+        splits["val"][:100],
+        vocab,
+        cfg.model_copy(update={"epochs": metrics["best_epoch"], "patience": None}),
+    )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+
+def test_save_load_gives_identical_latents_decodes_and_bounds(trained, splits, vocab, tmp_path):
+    model, history, metrics, _ = trained
+    bounds = latent_bounds(model, splits["train"], vocab)
+    assert bounds.lower.shape == bounds.upper.shape == (TINY.latent_dim,)
+    assert (bounds.lower <= bounds.upper).all() and bounds.as_array().shape == (TINY.latent_dim, 2)
+    paths = save_autoencoder(tmp_path, model, vocab, TINY, bounds, metrics, history)
+    assert {p.name for p in paths.values()} == {
+        "model.pt",
+        "vocab.json",
+        "config.json",
+        "bounds.json",
+        "metrics.json",
+        "history.csv",
+    }
+    loaded = load_autoencoder(tmp_path)
+    assert loaded.vocab == vocab and loaded.cfg == TINY and loaded.metrics == json.loads(json.dumps(metrics))
+    np.testing.assert_array_equal(loaded.bounds.lower, bounds.lower)
+    np.testing.assert_array_equal(loaded.bounds.upper, bounds.upper)
+
+    formulas = [_formula(c) for c in splits["test"][:50]]
+    z = loaded.encode_formulas(formulas)
+    x = torch.as_tensor(vocab.encode(splits["test"][:50]))
+    with torch.no_grad():
+        expected = model.encode(x).numpy()
+    np.testing.assert_array_equal(z, expected)
+    assert z.shape == (len(formulas), TINY.latent_dim)
+    decoded = loaded.decode_latents(z)
+    with torch.no_grad():
+        direct = vocab.decode_probabilities(model.decode(torch.as_tensor(expected)).numpy())
+    assert decoded.formulas == direct.formulas and np.array_equal(decoded.counts, direct.counts)
+    # formulas are reduced before encoding
+    assert np.array_equal(loaded.encode_formulas(["Zn2O2", "Zn3O3"]), loaded.encode_formulas(["ZnO", "ZnO"]))
+    train_z = loaded.encode_formulas([_formula(c) for c in splits["train"][:200]])
+    assert (train_z >= bounds.lower - 1e-6).all() and (train_z <= bounds.upper + 1e-6).all()
+
+
+def _formula(counts):
+    return "".join(f"{e}{c}" for e, c in counts.items())
+
+
+def test_formulas_that_do_not_fit_are_reported_not_crashed_on(trained, vocab, tmp_path, caplog):
+    model, history, metrics, _ = trained
+    absent = next(e for e in ("Og", "Ts", "Lv", "Fl", "Rn", "Xe", "Fr") if e not in vocab.elements)
+    save_autoencoder(
+        tmp_path, model, vocab, TINY, latent_bounds(model, [{vocab.elements[0]: 1}], vocab), metrics
+    )
+    loaded = load_autoencoder(tmp_path)
+    fits = _formula({vocab.elements[0]: 1, vocab.elements[1]: 2})
+    formulas = [fits, f"{absent}Cl", "NaCl21", "Xx2O"]
+    with caplog.at_level("WARNING"):
+        z = loaded.encode_formulas(formulas)
+    assert "3 of 4 formulas cannot be encoded" in caplog.text
+    assert np.isfinite(z[0]).all() and np.isnan(z[1:]).all()
+    reasons = loaded.check_formulas(formulas)
+    assert reasons[0] is None
+    assert f"element {absent} is not in the vocabulary" in reasons[1]
+    assert "count 21 of Cl is outside 1..20" in reasons[2]
+    assert "unknown element" in reasons[3]
+
+
+def test_stage_writes_everything_and_skips_what_does_not_fit(prepared, tmp_path):
+    parquet, table = prepared
+    cfg = TINY.model_copy(update={"epochs": 3})
+    epochs = []
+    metrics = run_autoencoder_stage(
+        parquet, tmp_path / "ae", EncodingConfig(max_count=6), cfg, lambda e, m: epochs.append(e)
+    )
+    assert epochs == [1, 2, 3]
+    train = table[table["split"] == "train"]
+    too_big = int((train["max_count"] > 6).sum())
+    assert too_big > 0 and metrics["skipped"]["train"] == {"total": too_big, "count_above_max": too_big}
+    assert metrics["train"]["n"] == len(train) - too_big
+    assert metrics["skipped"]["test"]["total"] >= int(
+        (table.loc[table["split"] == "test", "max_count"] > 6).sum()
+    )
+    for split in ("val", "test"):
+        assert metrics[split]["n"] + metrics["skipped"][split]["total"] == int(
+            (table["split"] == split).sum()
+        )
+        assert 0 <= metrics[split]["exact"] <= 1
+    assert metrics["encoding"]["max_count"] == 6
+    loaded = load_autoencoder(tmp_path / "ae")
+    assert loaded.vocab.max_count == 6 and loaded.metrics == json.loads(json.dumps(metrics))
+    assert len(pd.read_csv(tmp_path / "ae" / "history.csv")) == 3
+    assert loaded.bounds.lower.shape == (cfg.latent_dim,)
+
+
+def test_the_papers_sigmoid_loss_trains_too(splits, vocab):
+    for weight in (1.0, 30.0):
+        cfg = TINY.model_copy(update={"loss": "bce", "nonzero_weight": weight, "epochs": 3})
+        model, history, _ = train_autoencoder(splits["train"][:600], splits["val"][:100], vocab, cfg)
+        assert model.output == "sigmoid"
+        assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_stage_with_a_fixed_element_list_skips_other_elements(prepared, tmp_path):
+    parquet, table = prepared
+    elements = ["H", "Li", "C", "N", "O", "F", "Na", "Mg", "Al", "Si", "P", "S", "Cl", "K", "Ca"]
+    cfg = TINY.model_copy(update={"epochs": 1})
+    metrics = run_autoencoder_stage(
+        parquet, tmp_path / "ae", EncodingConfig(max_count=20, elements=elements), cfg
+    )
+    in_list = table["reduced_formula"].map(lambda f: set(parse_formula(f)) <= set(elements))
+    for split in ("train", "val", "test"):
+        rows = table["split"] == split
+        assert metrics[split]["n"] == int((rows & in_list).sum())
+        assert metrics["skipped"][split] == {
+            "total": int((rows & ~in_list).sum()),
+            "element_not_in_vocabulary": int((rows & ~in_list).sum()),
+        }
+    assert load_autoencoder(tmp_path / "ae").vocab.elements == tuple(elements)
