@@ -242,6 +242,15 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+def _stage_outputs(parser: argparse.ArgumentParser, out: str, metrics: str, prepared: bool = True) -> None:
+    """The arguments every model stage shares: input table, output folder, metrics file, MLflow switch."""
+    if prepared:
+        parser.add_argument("--prepared", default="data/prepared/dataset.parquet", help="prepared dataset")
+    parser.add_argument("--out", default=out, help="output (model folder or table)")
+    parser.add_argument("--metrics", default=metrics, help="DVC metrics file ('' for none)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``agd`` command."""
     parser = argparse.ArgumentParser(
@@ -307,10 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the band-gap oracle with the paper's Exp1 protocol (train on 'train', early-stop on "
         "'val', report R2/MAE/RMSE on 'test' and on the paper's 500-row test rows), then refit on all data.",
     )
-    oracle.add_argument("--prepared", default="data/prepared/dataset.parquet", help="prepared dataset")
-    oracle.add_argument("--out", default="models/oracle", help="model folder")
-    oracle.add_argument("--metrics", default="metrics/oracle.json", help="DVC metrics file ('' for none)")
-    oracle.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    _stage_outputs(oracle, "models/oracle", "metrics/oracle.json")
     oracle.set_defaults(func=_cmd_train_oracle)
     ae = train_sub.add_parser(
         "autoencoder",
@@ -318,19 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the conv autoencoder on the one-hot composition matrices of the prepared data; "
         "report exact reconstruction on held-out formulas and save the latent bounds.",
     )
-    ae.add_argument("--prepared", default="data/prepared/dataset.parquet", help="prepared dataset")
-    ae.add_argument("--out", default="models/autoencoder", help="model folder")
-    ae.add_argument("--metrics", default="metrics/autoencoder.json", help="DVC metrics file ('' for none)")
-    ae.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    _stage_outputs(ae, "models/autoencoder", "metrics/autoencoder.json")
     ae.set_defaults(func=_cmd_train_autoencoder)
     gan = train_sub.add_parser(
         "gan",
         help="MATGAN-style WGAN-GP composition generator (params: gan)",
         description="Train the composition WGAN-GP on the formula list in gan.training_data.",
     )
-    gan.add_argument("--out", default="models/gan", help="model folder")
-    gan.add_argument("--metrics", default="metrics/gan.json", help="DVC metrics file ('' for none)")
-    gan.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    _stage_outputs(gan, "models/gan", "metrics/gan.json", prepared=False)
     gan.set_defaults(func=_cmd_train_gan)
 
     generate = sub.add_parser(
@@ -340,13 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check charge neutrality and electronegativity balance, de-duplicate and mark novelty.",
     )
     generate.add_argument("--gan", default="models/gan", help="trained generator folder")
-    generate.add_argument(
-        "--out", default="data/generated/candidates.parquet", help="unique candidates (parquet)"
-    )
-    generate.add_argument("--metrics", default="metrics/generate.json", help="DVC metrics file ('' for none)")
+    _stage_outputs(generate, "data/generated/candidates.parquet", "metrics/generate.json", prepared=False)
     generate.add_argument("--n-samples", type=int, default=None, help="override generate.n_samples")
     generate.add_argument("--run-id", default=None, help="provenance id stored with every candidate")
-    generate.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     generate.set_defaults(func=_cmd_generate)
 
     cat = sub.add_parser(

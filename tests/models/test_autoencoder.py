@@ -33,15 +33,6 @@ TINY = AutoencoderConfig(
 N_ROWS = 3000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks train fastest on one thread, and far faster than on two on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def prepared(shared_data, tmp_path_factory):
     """The first rows of the paper's Exp1 set, prepared and split as the pipeline does."""

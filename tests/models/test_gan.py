@@ -44,14 +44,6 @@ TINY = GanConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def training(shared_data):
     frame = read_shared_csv(shared_data / "formulas_icsd_in_mp_synthnn.csv").head(3000)
