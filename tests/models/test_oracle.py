@@ -256,7 +256,7 @@ def test_members_trained_in_worker_processes_equal_sequential_ones(exp1):
     np.testing.assert_array_equal(parallel.predict(val_f).gaps, sequential.predict(val_f).gaps)
 
 
-def test_scratch_refit_retrains_for_the_early_stopping_epochs_and_finetune_learns_new_elements(exp1, tmp_path):
+def test_scratch_refit_and_finetune_of_new_elements(exp1, tmp_path):
     small = exp1.iloc[:700].copy()
     small.to_parquet(tmp_path / "dataset.parquet")
     roost = TINY.model_copy(update={"ensemble_size": 1, "epochs": 2})
@@ -266,7 +266,9 @@ def test_scratch_refit_retrains_for_the_early_stopping_epochs_and_finetune_learn
     assert len(deployed.members[0].history) == metrics["models"]["roost"]["best_epochs"][0]
     assert "forest" not in metrics["models"] and "blend_roost_forest" not in metrics["models"]
     model = deployed.members[0]
-    assert "Ac" not in model.elements and model.predict(["AcF3"]).status == ["element Ac unknown to the model"]
+    assert "Ac" not in model.elements and model.predict(["AcF3"]).status == [
+        "element Ac unknown to the model"
+    ]
     tuned = finetune_roost(model, ["GaN", "AcF3", "NaCl"], [1.9, 3.0, 5.0], epochs=1, progress=False)
     assert tuned.elements == model.elements | {"Ac"} and len(tuned.history) == 1
     assert tuned.predict(["AcF3"]).status == ["ok"]
