@@ -243,6 +243,40 @@ class GenerateConfig(_Section):
     n_jobs: int = Field(1, description="worker processes for the validity checks (<= 0: all cores)")
 
 
+class AcquisitionConfig(_Section):
+    """How a campaign picks latents: optimiser, acquisition function and search effort per round."""
+
+    method: Literal["batch", "stock"] = Field(
+        "batch", description="batch: BatchOptimizer; stock: BayesianOptimization.suggest() per point"
+    )
+    function: Literal["ucb", "ei"] = "ucb"
+    kappa: float = Field(2.576, ge=0, description="UCB exploration weight (bayes_opt's default)")
+    xi: float = Field(0.01, ge=0, description="EI improvement margin")
+    seed: int = Field(0, ge=0)
+    n_random: int = Field(1024, ge=0, description="uniform candidates in the box per pool")
+    n_local: int = Field(1024, ge=0, description="candidates around the best registered points per pool")
+    local_centres: int = Field(10, ge=1, description="how many of the best registered points are centres")
+    n_refine: int = Field(20, ge=0, description="greedily picked candidates polished by L-BFGS-B (0: none)")
+    refine_maxiter: int = Field(30, ge=1, description="L-BFGS-B iterations of the joint polish")
+    refine_radius: float = Field(
+        1.0, gt=0, description="polish steps of all but the best start stay within this many length scales"
+    )
+    accept_chunk: int = Field(256, ge=1, description="candidates passed to accept() per call")
+    max_extra_pools: int = Field(4, ge=0, description="fresh pools drawn when accept() rejects a whole pool")
+    allow_duplicate_points: bool = False
+    blas_threads: int | None = Field(
+        1,
+        ge=1,
+        description="BLAS threads during a round (None: leave the process's setting); see the module docstring",
+    )
+
+    @model_validator(mode="after")
+    def _has_candidates(self) -> AcquisitionConfig:
+        if self.n_random + self.n_local == 0:
+            raise ValueError("n_random + n_local must be positive")
+        return self
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     prepare: PrepareConfig = PrepareConfig()

@@ -51,8 +51,14 @@ def _magpie(options: BenchOptions) -> Section:
     return run(options)
 
 
+def _acquisition(options: BenchOptions) -> Section:
+    from bench.acquisition import run
+
+    return run(options)
+
+
 #: name -> benchmark; add new benchmarks here.
-BENCHMARKS: dict[str, Callable[[BenchOptions], Section]] = {"magpie": _magpie}
+BENCHMARKS: dict[str, Callable[[BenchOptions], Section]] = {"magpie": _magpie, "acquisition": _acquisition}
 
 
 def package_version(name: str) -> str:

@@ -1,0 +1,1 @@
+"""Active learning over the latent box: batch acquisition and (later) the campaign loop."""
