@@ -197,7 +197,7 @@ Streaming {STREAM_SIZE:,} formulas through `featurize_chunks(chunk_size={CHUNK_S
 dropped chunk by chunk, starting from an empty parse cache. Times come from an untraced pass and
 include generating the input; peak and retained memory from a second pass under `tracemalloc`.
 "Retained" is what stays allocated afterwards: almost all of it `parse_formula`'s LRU cache (up to
-1,000,000 entries), which belongs to the parser, not the featurizer; peak minus retained is roughly
+{formula_module._parse_cached.cache_parameters()["maxsize"]:,} entries), which belongs to the parser, not the featurizer; peak minus retained is roughly
 the featurizer's working set (one chunk's 132-column float64 output is {CHUNK_SIZE * 132 * 8 / 2**20:.0f} MiB).
 Process peak RSS over the whole benchmark, tracemalloc's own bookkeeping included: {max_rss:.0f} MiB.
 
