@@ -8,6 +8,7 @@ number and the reason, and the other rows go on.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,10 +128,11 @@ def _apply_filters(good: pd.DataFrame, cfg: PrepareConfig) -> tuple[pd.DataFrame
     return good.loc[~dropped].copy(), rejects
 
 
-def _symbols(key: str) -> list[str]:
-    import re
+_SYMBOL = re.compile(r"[A-Z][a-z]?")
 
-    return re.findall(r"[A-Z][a-z]?", key)
+
+def _symbols(key: str) -> list[str]:
+    return _SYMBOL.findall(key)
 
 
 def _deduplicate(good: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, str]:
