@@ -223,7 +223,7 @@ def _cmd_chem_check(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # catalog
 def _cmd_catalog(args: argparse.Namespace) -> int:
-    from agd.tracking.catalog import CatalogReader, Load, build_catalog
+    from agd.tracking.catalog import CatalogError, CatalogReader, Load, build_catalog
 
     params = load_params(args.params)
     db = Path(args.db or params.catalog.path)
@@ -234,7 +234,18 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
         candidates = Path(args.candidates)
         _require(candidates, "candidate table", "agd generate")
         extra.append(Load("candidates", candidates))
-    build_catalog(db, dataset, dataset_name=args.name, extra=extra)
+    for item in args.load:
+        table, sep, path = item.partition("=")
+        if not sep or not table or not path:
+            raise UserError(
+                f"--load {item!r}: expected TABLE=PATH, e.g. al_samples=data/experiments/samples.parquet"
+            )
+        _require(Path(path), f"{table} table", "dvc repro pipelines/dvc.yaml")
+        extra.append(Load(table, Path(path)))
+    try:
+        build_catalog(db, dataset, dataset_name=args.name, extra=extra)
+    except CatalogError as exc:
+        raise UserError(str(exc)) from None
     with CatalogReader(db) as reader:
         counts = reader.tables()
     print(f"catalog {db}: " + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
@@ -355,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     cat.add_argument("--dataset", default="data/prepared/dataset.parquet", help="prepared dataset parquet")
     cat.add_argument("--name", default="prepared", help="dataset name in the catalog")
     cat.add_argument("--candidates", default=None, help="generated candidates parquet (from `agd generate`)")
+    cat.add_argument(
+        "--load",
+        action="append",
+        default=[],
+        metavar="TABLE=PATH",
+        help="also load a parquet file into a catalog table (repeatable), e.g. al_samples=data/experiments/samples.parquet",
+    )
     cat.set_defaults(func=_cmd_catalog)
     return parser
 

@@ -80,9 +80,12 @@ CREATE TABLE IF NOT EXISTS al_samples (
     latent FLOAT[],                           -- suggested point in the autoencoder's latent box
     formula VARCHAR,                          -- NULL when the point does not decode to a formula
     valid BOOLEAN,
-    fate VARCHAR,                             -- 'registered', 'undecodable', 'invalid', ...
-    label DOUBLE,                             -- oracle band gap (eV); NULL unless labelled
+    fate VARCHAR,                             -- 'initial', 'registered', 'duplicate', 'undecodable', 'invalid', 'unlabelled'
+    label DOUBLE,                             -- band gap (eV): data label for 'initial' rows, oracle label otherwise
+    label_std DOUBLE,                         -- oracle spread (eV), where the oracle gives one
     acquisition DOUBLE,                       -- acquisition-function value at the point
+    kappa DOUBLE,                             -- UCB exploration weight of the campaign
+    method VARCHAR,                           -- 'bo' (Bayesian optimisation) or 'random' (control)
     source_file VARCHAR NOT NULL,
     loaded_at TIMESTAMP NOT NULL
 );
@@ -98,6 +101,30 @@ CREATE TABLE IF NOT EXISTS screening (
     reduced_formula VARCHAR,
     predicted_gap DOUBLE,                     -- eV, from the screening model
     oracle_gap DOUBLE,                        -- eV, from the oracle
+    source_file VARCHAR NOT NULL,
+    loaded_at TIMESTAMP NOT NULL
+);
+
+-- Screening performance (the paper's Table 1): one row per experiment, repeat, model, training set and window.
+CREATE TABLE IF NOT EXISTS screening_metrics (
+    experiment VARCHAR NOT NULL,
+    repeat INTEGER,
+    model VARCHAR NOT NULL,
+    training_set VARCHAR NOT NULL,            -- 'BS', 'AL', 'random', 'ALL'
+    gap_window VARCHAR NOT NULL,
+    n_train INTEGER,
+    r2_holdout DOUBLE,                        -- on a hold-out of the model's own training set
+    mae_holdout DOUBLE,
+    rmse_holdout DOUBLE,
+    r2_test DOUBLE,                           -- on the common external test set
+    mae_test DOUBLE,
+    rmse_test DOUBLE,
+    n_candidates BIGINT,                      -- candidates the model places in the window
+    n_oracle BIGINT,                          -- ... the oracle places there
+    n_recovered BIGINT,                       -- ... both place there
+    recovery DOUBLE,                          -- n_recovered / n_oracle (the paper's metric)
+    precision DOUBLE,                         -- n_recovered / n_candidates
+    f1 DOUBLE,
     source_file VARCHAR NOT NULL,
     loaded_at TIMESTAMP NOT NULL
 );

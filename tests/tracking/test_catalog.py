@@ -50,7 +50,15 @@ def counts(db) -> dict[str, int]:
 
 
 def test_schema_defines_all_tables_with_provenance():
-    assert set(TABLES) == {"datasets", "candidates", "al_samples", "screening", "structures", "dft_results"}
+    assert set(TABLES) == {
+        "datasets",
+        "candidates",
+        "al_samples",
+        "screening",
+        "screening_metrics",
+        "structures",
+        "dft_results",
+    }
     for columns in TABLES.values():
         names = [column.name for column in columns]
         assert names[-2:] == list(PROVENANCE_COLUMNS)
