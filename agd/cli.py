@@ -201,6 +201,99 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_screen(args: argparse.Namespace) -> int:
+    import time
+
+    from agd.screening.screen import ScreeningError, run_screening_stage
+
+    params = load_params(args.params)
+    training = Path(args.training_sets)
+    _require(training, "training-sets table", "agd experiments")
+    candidates = Path(args.candidates)
+    _require(candidates, "candidate table", "agd generate")
+    prepared = Path(args.prepared)
+    _require(prepared, "prepared dataset", "agd data prepare")
+    oracle = Path(args.oracle)
+    _require(oracle, "trained oracle", "agd train oracle")
+    out_dir = Path(args.out_dir)
+    report = Path(args.report) if args.report else out_dir / "table1.md"
+    cfg = params.screening
+    inputs = {"training_sets": training, "candidates": candidates, "prepared": prepared, "oracle": oracle}
+    logged = {"screening": cfg.model_dump(), "inputs": {k: str(v) for k, v in inputs.items()}}
+
+    def body(on_step):
+        start = time.perf_counter()
+        try:
+            # on_step(repeat, values): per-group metrics, step = repeat
+            summary = run_screening_stage(
+                training, candidates, prepared, oracle, out_dir, cfg, report=report, on_group=on_step
+            )
+        except ScreeningError as exc:
+            raise UserError(str(exc)) from None
+        if on_step is not None:  # an MLflow run is active
+            import mlflow
+
+            mlflow.log_artifact(str(report))
+            mlflow.log_metric("seconds", time.perf_counter() - start)
+        return summary
+
+    metrics = _tracked("screening", params, logged, "screen", args.no_mlflow, body)
+    _write_metrics(args.metrics, metrics)
+    print(
+        f"screening -> {out_dir} ({metrics['hits']:,} hits); Table 1 -> {report}; metrics -> {args.metrics}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# campaigns
+def _run_campaigns(args: argparse.Namespace, write: bool, only, repeats) -> dict:
+    from agd.active.campaign import CampaignStateError
+    from agd.active.experiments import run_experiments
+
+    params = load_params(args.params)
+    if getattr(args, "jobs", None):
+        exp = params.experiments.model_copy(update={"jobs": args.jobs})
+        params = params.model_copy(update={"experiments": exp})
+    prepared, autoencoder, oracle = Path(args.prepared), Path(args.autoencoder), Path(args.oracle)
+    _require(prepared, "prepared dataset", "agd data prepare")
+    _require(autoencoder, "trained autoencoder", "agd train autoencoder")
+    _require(oracle, "trained oracle", "agd train oracle")
+    try:
+        return run_experiments(
+            prepared, autoencoder, oracle, Path(args.out), params,
+            track=not args.no_mlflow, only=only, repeats=repeats, write=write,
+            restart_changed=args.restart_changed,
+        )  # fmt: skip
+    except (CampaignStateError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _print_campaigns(summary: dict) -> None:
+    for name, item in summary["campaigns"].items():
+        get = lambda k, item=item: item[k]["mean"]  # noqa: E731
+        print(
+            f"{name:>14}: {item['repeats']} repeat(s), valid {get('valid_fraction'):.1%} of suggestions, "
+            f"{get('n_new_valid'):.0f} new valid formulas, {get('n_high_gap'):.1f} above {summary['high_gap']:g} eV, "
+            f"best {get('best_label'):.2f} eV"
+        )
+
+
+def _cmd_campaign(args: argparse.Namespace) -> int:
+    summary = _run_campaigns(args, False, [args.name], args.repeat)
+    _print_campaigns(summary)
+    print(f"state tables -> {args.out}/campaigns/{args.name}/")
+    return 0
+
+
+def _cmd_experiments(args: argparse.Namespace) -> int:
+    summary = _run_campaigns(args, True, args.only or None, None)
+    _write_metrics(args.metrics, summary)
+    _print_campaigns(summary)
+    print(f"samples, training sets, kappa sweep and plots -> {args.out}; metrics -> {args.metrics}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # chemistry utilities
 def _cmd_chem_check(args: argparse.Namespace) -> int:
@@ -221,9 +314,153 @@ def _cmd_chem_check(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# structures, energies, VASP hand-off
+def _cmd_structures(args: argparse.Namespace) -> int:
+    from agd.structures.substitute import run_structures_stage
+
+    params = load_params(args.params)
+    cfg = params.structures
+    overrides = {k: v for k, v in (("gap_window", args.window), ("max_candidates", args.max_candidates)) if v}
+    if overrides:
+        cfg = cfg.model_copy(update=overrides)
+    source = Path(args.formulas or args.hits or cfg.hits)
+    if not source.exists():
+        hint = "pass --formulas FILE (CSV/parquet/txt)" if not args.formulas else "check the path"
+        raise UserError(
+            f"{source}: no formula list; run `agd screen` (or `dvc repro pipelines/dvc.yaml`) or {hint}"
+        )
+    logged = {"structures": cfg.model_dump(), "input": str(source)}
+    try:
+        metrics = _tracked(
+            "structures",
+            params,
+            logged,
+            "structures",
+            args.no_mlflow,
+            lambda _on_epoch: run_structures_stage(source, Path(args.out), Path(args.cif_dir), cfg),
+        )
+    except ValueError as exc:  # an unreadable formula list or a window the list does not have
+        raise UserError(str(exc)) from None
+    _write_metrics(args.metrics, metrics)
+    print(
+        f"{metrics['n_ok']:,} of {metrics['n_candidates']:,} candidates have a template structure "
+        f"({metrics['status']}) -> {args.out}"
+    )
+    return 0
+
+
+def _cmd_energy(args: argparse.Namespace) -> int:
+    from agd.structures.energy import run_energy_stage
+
+    params = load_params(args.params)
+    structures = Path(args.structures)
+    _require(structures, "structures table", "agd structures")
+    cfg = params.energy
+    if args.steps:
+        cfg = cfg.model_copy(update={"steps": args.steps})
+    logged = {"energy": cfg.model_dump()}
+    metrics = _tracked(
+        "energy",
+        params,
+        logged,
+        "energy",
+        args.no_mlflow,
+        lambda _on_epoch: run_energy_stage(
+            structures, Path(args.out), cfg, Path(args.work_dir), params.structures.template_sources
+        ),
+    )
+    _write_metrics(args.metrics, metrics)
+    print(
+        f"{metrics['n_relaxed']:,} relaxed ({metrics['n_converged']:,} converged, {metrics['n_resumed']:,} resumed), "
+        f"{metrics['n_kept']:,} kept with formation energy < {cfg.formation_energy_max:g} eV/atom -> {args.out}"
+    )
+    return 0
+
+
+def _cmd_export_vasp(args: argparse.Namespace) -> int:
+    from agd.structures.vasp import run_vasp_stage
+
+    params = load_params(args.params)
+    energies = Path(args.energies)
+    _require(energies, "energies table", "agd energy")
+    cfg = params.vasp
+    if args.psp_dir:
+        cfg = cfg.model_copy(update={"psp_dir": args.psp_dir})
+    logged = {"vasp": cfg.model_dump()}
+    try:
+        metrics = _tracked(
+            "vasp",
+            params,
+            logged,
+            "export-vasp",
+            args.no_mlflow,
+            lambda _on_epoch: run_vasp_stage(energies, Path(args.out), cfg),
+        )
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+    _write_metrics(args.metrics, metrics)
+    print(f"{metrics['n_folders']:,} VASP folders ({metrics['n_failed']} failed) -> {args.out}/manifest.csv")
+    return 0
+
+
+def _cmd_import_dft(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from agd.structures.vasp import dft_oracle_table, import_dft
+
+    params = load_params(args.params)
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder of VASP runs")
+    references = None
+    if args.references:
+        try:
+            references = {str(k): float(v) for k, v in json.loads(Path(args.references).read_text()).items()}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise UserError(f"{args.references}: expected a JSON object element -> eV/atom ({exc})") from None
+
+    def body(_on_epoch) -> dict:
+        table = import_dft(root, references)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_parquet(out, index=False)
+        labels = dft_oracle_table(table)
+        if args.oracle_out and len(labels):
+            from agd.models.oracle import TableOracle
+
+            TableOracle(labels, name="dft").save(args.oracle_out)
+        if args.db:
+            from agd.tracking.catalog import PROVENANCE_COLUMNS, TABLES, load_table
+
+            known = {c.name for c in TABLES["dft_results"]} - set(PROVENANCE_COLUMNS)
+            load_table(
+                args.db,
+                "dft_results",
+                table[[c for c in table.columns if c in known]],
+                source_file=str(out),
+            )
+        with pd.option_context("display.max_rows", 50, "display.width", 200):
+            print(
+                table[["path", "formula", "status", "band_gap", "total_energy", "message"]].to_string(
+                    index=False
+                )
+            )
+        return {
+            "n_runs": len(table),
+            "status": {str(k): int(v) for k, v in table["status"].value_counts().items()},
+            "n_oracle_labels": len(labels),
+        }
+
+    metrics = _tracked("dft", params, {"dir": str(root)}, "import-dft", args.no_mlflow, body)
+    _write_metrics(args.metrics, metrics)
+    print(f"{metrics['n_runs']:,} runs {metrics['status']} -> {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # catalog
 def _cmd_catalog(args: argparse.Namespace) -> int:
-    from agd.tracking.catalog import CatalogError, CatalogReader, Load, build_catalog
+    from agd.tracking.catalog import TABLES, CatalogError, CatalogReader, Load, build_catalog
 
     params = load_params(args.params)
     db = Path(args.db or params.catalog.path)
@@ -234,12 +471,19 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
         candidates = Path(args.candidates)
         _require(candidates, "candidate table", "agd generate")
         extra.append(Load("candidates", candidates))
-    for item in args.load:
+    optional = [(item, True) for item in args.load_if_present]
+    for item, if_present in [*((item, False) for item in args.load), *optional]:
         table, sep, path = item.partition("=")
         if not sep or not table or not path:
             raise UserError(
                 f"--load {item!r}: expected TABLE=PATH, e.g. al_samples=data/experiments/samples.parquet"
             )
+        if table not in TABLES:
+            raise UserError(
+                f"--load {item!r}: no catalog table {table!r}; the tables are {', '.join(TABLES)}"
+            )
+        if if_present and not Path(path).exists():
+            continue
         _require(Path(path), f"{table} table", "dvc repro pipelines/dvc.yaml")
         extra.append(Load(table, Path(path)))
     try:
@@ -357,6 +601,149 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--run-id", default=None, help="provenance id stored with every candidate")
     generate.set_defaults(func=_cmd_generate)
 
+    screen = sub.add_parser(
+        "screen",
+        help="screening models on every training set, judged against the oracle (params: screening)",
+        description="For each (experiment, repeat, training set) of the experiments stage and each model in "
+        "screening.models (Magpie random forest, Roost): train on a seeded 80%, score on the other 20% and on "
+        "the common external test set, screen the generated candidates for the band-gap windows in chunks, and "
+        "compare the hits with the oracle's own screening (recovery, precision, F1). Writes Table 1 (mean +- std "
+        "over repeats) as a DVC metrics file and a markdown report. Resumable: finished groups are kept.",
+    )
+    screen.add_argument(
+        "--training-sets",
+        default="data/experiments/training_sets.parquet",
+        help="training sets (agd experiments)",
+    )
+    screen.add_argument(
+        "--candidates", default="data/generated/candidates.parquet", help="candidates (agd generate)"
+    )
+    screen.add_argument(
+        "--prepared", default="data/prepared/dataset.parquet", help="prepared dataset (test split)"
+    )
+    screen.add_argument("--oracle", default="models/oracle", help="oracle folder (agd train oracle)")
+    screen.add_argument(
+        "--out-dir", default="data/screening", help="metrics.parquet, hits.parquet, table1.parquet, state/"
+    )
+    screen.add_argument("--metrics", default="metrics/screening.json", help="DVC metrics file ('' for none)")
+    screen.add_argument("--report", default="reports/table1.md", help="markdown Table 1")
+    screen.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    screen.set_defaults(func=_cmd_screen)
+
+    structures = sub.add_parser(
+        "structures",
+        help="template structures for candidate formulas (params: structures)",
+        description="For each candidate (screening hits, or --formulas FILE), find the nearest known composition "
+        "by ElMD among templates of the same stoichiometric pattern, substitute its elements and write a CIF.",
+    )
+    structures.add_argument("--hits", default=None, help="screening hits parquet (default: structures.hits)")
+    structures.add_argument("--formulas", default=None, help="any formula list instead (CSV/parquet/txt)")
+    structures.add_argument("--window", default=None, help="only hits of this band-gap window")
+    structures.add_argument(
+        "--max-candidates", type=int, default=None, help="override structures.max_candidates"
+    )
+    structures.add_argument(
+        "--cif-dir", default="data/structures/cif", help="folder for one CIF per candidate"
+    )
+    _stage_outputs(
+        structures, "data/structures/structures.parquet", "metrics/structures.json", prepared=False
+    )
+    structures.set_defaults(func=_cmd_structures)
+
+    energy = sub.add_parser(
+        "energy",
+        help="CHGNet relaxation and formation energy (params: energy)",
+        description="Relax every substituted structure with the pretrained CHGNet, compute formation energies "
+        "against elements relaxed the same way, keep those below energy.formation_energy_max. Resumable.",
+    )
+    energy.add_argument(
+        "--structures", default="data/structures/structures.parquet", help="from `agd structures`"
+    )
+    energy.add_argument(
+        "--work-dir",
+        default="data/structures/energy_work",
+        help="resumable progress and elemental references",
+    )
+    energy.add_argument("--steps", type=int, default=None, help="override energy.steps")
+    _stage_outputs(energy, "data/structures/energies.parquet", "metrics/energy.json", prepared=False)
+    energy.set_defaults(func=_cmd_energy)
+
+    export_vasp = sub.add_parser(
+        "export-vasp",
+        help="VASP input folders for the kept candidates (params: vasp)",
+        description="Write relax (MPRelaxSet) and static (MPStaticSet) inputs per kept candidate, POTCAR.spec "
+        "unless vasp.psp_dir is set, a manifest (CSV and JSON) and the final structures table.",
+    )
+    export_vasp.add_argument(
+        "--energies", default="data/structures/energies.parquet", help="from `agd energy`"
+    )
+    export_vasp.add_argument("--psp-dir", default=None, help="POTCAR directory (overrides vasp.psp_dir)")
+    _stage_outputs(export_vasp, "data/vasp", "metrics/vasp.json", prepared=False)
+    export_vasp.set_defaults(func=_cmd_export_vasp)
+
+    import_dft = sub.add_parser(
+        "import-dft",
+        help="read finished VASP runs (vasprun.xml) into the dft_results table",
+        description="Parse every vasprun.xml under DIR: band gap, total energy, formation energy (with elemental "
+        "references), converged flag; broken or missing runs get a status per folder.",
+    )
+    import_dft.add_argument("dir", help="folder of VASP runs (e.g. the export folder after the runs)")
+    import_dft.add_argument(
+        "--out", default="data/dft/dft_results.parquet", help="dft_results table (parquet)"
+    )
+    import_dft.add_argument("--references", default=None, help="JSON element -> DFT energy per atom (eV)")
+    import_dft.add_argument("--oracle-out", default=None, help="save the gaps as a DFT table oracle here")
+    import_dft.add_argument("--db", default=None, help="also load the rows into this DuckDB catalog")
+    import_dft.add_argument("--metrics", default="", help="metrics JSON ('' for none)")
+    import_dft.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    import_dft.set_defaults(func=_cmd_import_dft)
+
+    def campaign_inputs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--prepared", default="data/prepared/dataset.parquet", help="prepared dataset")
+        p.add_argument("--autoencoder", default="models/autoencoder", help="trained autoencoder folder")
+        p.add_argument("--oracle", default="models/oracle", help="trained oracle folder")
+        p.add_argument(
+            "--out", default="data/experiments", help="experiments folder (state tables and outputs)"
+        )
+        p.add_argument("--jobs", type=int, default=None, help="campaigns at once (override experiments.jobs)")
+        p.add_argument("--no-mlflow", action="store_true", help="do not log MLflow runs")
+        p.add_argument(
+            "--restart-changed",
+            action="store_true",
+            help="delete state tables saved under other settings and start those campaigns afresh (default: error)",
+        )
+
+    campaign = sub.add_parser(
+        "campaign",
+        help="run one active-learning campaign of the experiments (params: experiments)",
+        description="Run (or resume) one campaign defined by the experiments section, e.g. Exp2-bo, Exp3-random or "
+        "kappa-5: Bayesian optimisation in the autoencoder's latent box, 20 suggestions a round, decode, check "
+        "chemistry, label with the oracle, register. The state table is saved after every round; a killed run "
+        "continues at the next round.",
+    )
+    campaign.add_argument("name", help="campaign name, e.g. Exp2-bo, Exp2-random, kappa-5")
+    campaign.add_argument(
+        "--repeat", type=int, action="append", default=None, help="repeat(s) to run (default: all)"
+    )
+    campaign_inputs(campaign)
+    campaign.set_defaults(func=_cmd_campaign)
+
+    experiments = sub.add_parser(
+        "experiments",
+        help="the paper's experiments, random control and kappa sweep (params: experiments)",
+        description="Run every campaign of the experiments section (Exp2-Exp4 by Bayesian optimisation and by "
+        "random latents, repeated with different seeds, and the kappa sweep), resumably; then write "
+        "samples.parquet, training_sets.parquet (for `agd screen`), kappa_sweep.csv, campaigns.png and a summary.",
+    )
+    campaign_inputs(experiments)
+    experiments.add_argument(
+        "--metrics", default="metrics/experiments.json", help="DVC metrics file ('' for none)"
+    )
+    experiments.add_argument(
+        "--only", action="append", default=[], help="run only this campaign name (repeatable)"
+    )
+    experiments.set_defaults(func=_cmd_experiments)
+
     cat = sub.add_parser(
         "catalog",
         help="load stage outputs into the DuckDB catalog (params: catalog)",
@@ -372,6 +759,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="TABLE=PATH",
         help="also load a parquet file into a catalog table (repeatable), e.g. al_samples=data/experiments/samples.parquet",
+    )
+    cat.add_argument(
+        "--load-if-present",
+        action="append",
+        default=[],
+        metavar="TABLE=PATH",
+        help="as --load, skipped when the file does not exist (results that arrive outside the pipeline, "
+        "e.g. dft_results=data/dft/dft_results.parquet from `agd import-dft`)",
     )
     cat.set_defaults(func=_cmd_catalog)
     return parser

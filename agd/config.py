@@ -192,6 +192,16 @@ class AutoencoderConfig(_Section):
     )
     nonzero_weight: float = Field(1.0, gt=0, description="loss weight of the set cells of present elements")
     weight_decay: float = Field(0.05, ge=0, description="decoupled weight decay (AdamW)")
+    count_weight_power: float = Field(
+        0.0,
+        ge=0,
+        description="present elements weigh (n_1 / n_k) ** power, n_k = training cells with count k",
+    )
+    latent_noise: float = Field(
+        0.0,
+        ge=0,
+        description="training only: Gaussian latent noise, std as a fraction of each dim's batch std",
+    )
     seed: int = 0
     patience: int | None = Field(20, ge=1, description="early stopping on validation loss (None: off)")
     device: str = "cpu"
@@ -224,6 +234,19 @@ class GanConfig(_Section):
         description="what the critic sees of the generator: drawn or most probable one-hot counts, or probabilities",
     )
     quality_samples: int = Field(1000, ge=0, description="samples per epoch for the quality metrics (0: off)")
+    sample_temperature: float = Field(
+        1.0,
+        ge=0,
+        description="gumbel count draws from probs ** (1 / T) when sampling (0: most probable count)",
+    )
+    entropy_weight: float = Field(
+        0.0, ge=0, description="generator loss + this x mean entropy of the element rows (0: off)"
+    )
+    diversity_weight: float = Field(
+        0.0,
+        ge=0,
+        description="generator loss - this x output distance / noise distance of sample pairs (0: off)",
+    )
     seed: int = 0
     device: str = "cpu"
 
@@ -256,6 +279,16 @@ class AcquisitionConfig(_Section):
     n_random: int = Field(1024, ge=0, description="uniform candidates in the box per pool")
     n_local: int = Field(1024, ge=0, description="candidates around the best registered points per pool")
     local_centres: int = Field(10, ge=1, description="how many of the best registered points are centres")
+    local_radius: tuple[float, float] = Field(
+        (0.01, 1.0),
+        description="local candidates lie at log-uniform distances in this range of scales from their centre",
+    )
+    local_scale: float | None = Field(
+        None,
+        gt=0,
+        description="the scale of local_radius: None, the GP length scale; a number, that fraction of the box diagonal "
+        "(steadier when the length scale of a small or clustered set is far from the data's spacing)",
+    )
     n_refine: int = Field(20, ge=0, description="greedily picked candidates polished by L-BFGS-B (0: none)")
     refine_maxiter: int = Field(30, ge=1, description="L-BFGS-B iterations of the joint polish")
     refine_radius: float = Field(
@@ -274,7 +307,245 @@ class AcquisitionConfig(_Section):
     def _has_candidates(self) -> AcquisitionConfig:
         if self.n_random + self.n_local == 0:
             raise ValueError("n_random + n_local must be positive")
+        if not 0 < self.local_radius[0] <= self.local_radius[1]:
+            raise ValueError(f"local_radius must be 0 < low <= high, got {self.local_radius}")
         return self
+
+
+class CampaignConfig(_Section):
+    """One active-learning campaign: batch size, what may be suggested and what gets registered."""
+
+    batch_size: int = Field(20, ge=1, description="suggestions per round (the paper: 20)")
+    accept: list[Literal["decodable", "valid", "new"]] = Field(
+        default_factory=lambda: ["valid", "new"],
+        description="rules a latent must pass in the acquisition step: decodes to a formula; the formula is "
+        "charge neutral and electronegativity balanced; it is not yet known to the campaign ([] = the paper)",
+    )
+    undecodable: Literal["skip", "penalty"] = Field(
+        "skip",
+        description="suggestions that decode to no formula: not registered (the paper) or registered at the penalty",
+    )
+    invalid: Literal["label", "skip", "penalty"] = Field(
+        "label",
+        description="decoded but chemically invalid: oracle-labelled and registered (the paper), skipped, or penalised",
+    )
+    penalty: float | None = Field(
+        None, description="value registered for penalised points (None: lowest label so far)"
+    )
+    high_gap: float = Field(
+        6.0, description="eV; labels above this count as high-gap hits in the round metrics"
+    )
+    al_set_valid_only: bool = Field(
+        True, description="AL training sets take only chemically valid new formulas"
+    )
+    max_elements: int | None = Field(
+        8,
+        ge=1,
+        description="decoded formulas with more elements are invalid without a smact search (data max: 8)",
+    )
+    max_atoms: int | None = Field(None, ge=1, description="... and with more atoms in the decoded formula")
+    random_sampler: Literal["local", "box"] = Field(
+        "local",
+        description="random control: a registered latent plus Gaussian noise (local), or uniform in the box (box; "
+        "such latents decode to 20-40 elements, almost never a valid formula)",
+    )
+    random_scale: float = Field(
+        0.05, gt=0, description="local sampler: noise sd as a fraction of the box's span per dimension"
+    )
+    random_draws: int = Field(
+        20000, ge=1, description="random control: most latents drawn per round to fill a batch under `accept`"
+    )
+    acquisition: AcquisitionConfig = AcquisitionConfig()
+
+
+class ExperimentSpec(_Section):
+    """One of the paper's experiments: the initial samples and the suggestion budget."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$")
+    n_initial: int = Field(ge=1, description="initial samples drawn from the prepared train/val rows")
+    budget: int = Field(ge=1, description="suggestions after the initial samples")
+    max_initial_gap: float | None = Field(
+        None, description="eV; initial samples only below this gap (Exp4: 3)"
+    )
+
+
+def _paper_experiments() -> list[ExperimentSpec]:
+    return [
+        ExperimentSpec(name="Exp2", n_initial=1000, budget=1000),
+        ExperimentSpec(name="Exp3", n_initial=300, budget=1000),
+        ExperimentSpec(name="Exp4", n_initial=300, budget=1000, max_initial_gap=3.0),
+    ]
+
+
+class ExperimentsConfig(_Section):
+    """The paper's experiments, repeated with different seeds, plus a random control and a kappa sweep."""
+
+    repeats: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0, description="repeat r of experiment e uses seeds derived from (seed, e, r)")
+    experiments: list[ExperimentSpec] = Field(default_factory=_paper_experiments)
+    random_control: bool = Field(
+        True, description="a random-latent campaign with the same initial samples and budget"
+    )
+    kappa_sweep: list[float] = Field(default_factory=lambda: [0.0, 1.0, 5.0, 10.0, 50.0, 100.0])
+    kappa_experiment: str = Field("Exp3", description="experiment whose setup the kappa sweep uses")
+    kappa_repeats: int = Field(3, ge=0, description="repeats of each kappa value (0: no sweep)")
+    jobs: int = Field(1, ge=1, description="campaigns run at once (processes)")
+    campaign: CampaignConfig = CampaignConfig()
+
+    @model_validator(mode="after")
+    def _names(self) -> ExperimentsConfig:
+        names = [e.name for e in self.experiments]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment names repeat: {names}")
+        if self.kappa_sweep and self.kappa_repeats and self.kappa_experiment not in names:
+            raise ValueError(f"kappa_experiment {self.kappa_experiment!r} is not one of {names}")
+        return self
+
+
+class GapWindowConfig(_Section):
+    """A band-gap window in eV; a None bound is open; ``include_*`` says whether the bound itself is inside."""
+
+    low: float | None = None
+    high: float | None = None
+    include_low: bool = True
+    include_high: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GapWindowConfig:
+        if self.low is None and self.high is None:
+            raise ValueError("a window needs low, high or both")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) is above high ({self.high:g})")
+        return self
+
+
+def _screening_windows() -> dict[str, GapWindowConfig]:
+    return {
+        "gt6": GapWindowConfig(low=6.0, include_low=False),
+        "2-4": GapWindowConfig(low=2.0, high=4.0),
+    }
+
+
+def _screening_roost() -> RoostConfig:
+    return RoostConfig(
+        ensemble_size=1, epochs=80, batch_size=128, learning_rate=2e-3, loss="l1", elem_fea_len=32, n_graph=2,
+        elem_heads=1, cry_heads=1, hidden=64, trunk_hidden=[128], out_hidden=[64, 32], patience=None, num_threads=1,
+    )  # fmt: skip
+
+
+class ModelLimit(_Section):
+    """Which groups a screening model trains on: the first ``repeats`` repeats, these ``training_sets`` (None: all)."""
+
+    repeats: int | None = Field(None, ge=1)
+    training_sets: list[str] | None = None
+
+
+class ScreeningConfig(_Section):
+    """Screening models (Table 1 of the paper) trained on every experiment's training sets, judged against the oracle."""
+
+    models: list[Literal["forest", "roost"]] = Field(
+        default_factory=lambda: ["forest", "roost"], min_length=1
+    )
+    limits: dict[Literal["forest", "roost"], ModelLimit] = Field(
+        default_factory=dict,
+        description="restrict a (slow) model to the first N repeats and/or some training sets, e.g. "
+        "{roost: {repeats: 3, training_sets: [BS, AL, random]}}",
+    )
+    seed: int = Field(
+        0, ge=0, description="split and model seeds of a group derive from (seed, experiment, repeat, set)"
+    )
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="rows of a training set kept out to score the model"
+    )
+    refit_all: bool = Field(
+        False,
+        description="screen with a model refit on all rows of the set (scores stay those of the hold-out model)",
+    )
+    windows: dict[str, GapWindowConfig] = Field(default_factory=_screening_windows)
+    hit_windows: list[str] | None = Field(None, description="windows whose hits are written (None: all)")
+    valid_only: bool = Field(
+        True, description="screen only charge-neutral, electronegativity-balanced candidates"
+    )
+    novel_only: bool = Field(
+        False, description="screen only candidates absent from the generator's training data"
+    )
+    max_candidates: int | None = Field(
+        None, ge=1, description="screen only the first N candidates (None: all)"
+    )
+    chunk_size: int = Field(50_000, ge=1, description="candidates featurised and predicted at a time")
+    groups_per_pass: int = Field(
+        8, ge=1, description="models trained, then screened together in one pass over the candidates"
+    )
+    predict_unknown_elements: bool = Field(
+        True,
+        description="predict candidates with elements absent from a model's training set (False: no hit)",
+    )
+    forest: ForestConfig = ForestConfig(n_estimators=100, max_features=0.3, min_samples_leaf=2, n_jobs=1)
+    roost: RoostConfig = Field(default_factory=_screening_roost)
+
+    @model_validator(mode="after")
+    def _known_windows(self) -> ScreeningConfig:
+        for name in self.windows:
+            if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
+                raise ValueError(f"window name {name!r}: use letters, digits, '-', '_' or '.'")
+        unknown = sorted(set(self.hit_windows or ()) - set(self.windows))
+        if unknown:
+            raise ValueError(f"hit_windows {unknown} are not among the windows {sorted(self.windows)}")
+        return self
+
+
+class StructuresConfig(_Section):
+    """Template structures for candidate formulas: nearest same-pattern template by ElMD, then substitution."""
+
+    hits: str = Field("data/screening/hits.parquet", description="screening hits (formula list input)")
+    gap_window: str | None = Field(None, description="take only hits of this band-gap window (None: all)")
+    max_candidates: int | None = Field(
+        200, ge=1, description="most unique reduced formulas taken (None: all)"
+    )
+    template_sources: list[str] = Field(
+        default_factory=lambda: [
+            "../shared/data/structures_mp40_chemeleon.csv.gz",
+            "../shared/data/structures_mp20_diffhedron.csv.gz",
+        ],
+        description="CSV/parquet files with a CIF column; missing files are skipped with a warning",
+    )
+    mp_templates: Literal["off", "auto", "on"] = Field(
+        "auto", description="add Materials Project templates via mp-api (auto: when MP_API_KEY is set)"
+    )
+    max_e_above_hull: float | None = Field(
+        0.1, ge=0, description="drop templates less stable than this (eV/atom)"
+    )
+    metric: str = Field("mod_petti", description="ElMD metric")
+    max_template_tries: int = Field(3, ge=1, description="next-nearest templates tried when a CIF is corrupt")
+    volume_scaling: Literal["atomic_radius", "none"] = "atomic_radius"
+
+
+class EnergyConfig(_Section):
+    """CHGNet relaxation of substituted structures and formation energy against relaxed elements."""
+
+    steps: int = Field(500, ge=1, description="most relaxation steps per structure")
+    fmax: float = Field(0.1, gt=0, description="force threshold (eV/A) for convergence")
+    relax_cell: bool = True
+    optimizer: Literal["FIRE", "BFGS", "LBFGS"] = "FIRE"
+    formation_energy_max: float = Field(
+        0.0, description="keep candidates below this formation energy (eV/atom)"
+    )
+    reference_starts: list[Literal["known", "fcc", "bcc", "hcp", "diamond", "dimer"]] = Field(
+        default_factory=lambda: ["known", "fcc", "bcc", "hcp", "diamond", "dimer"],
+        description="starting cells relaxed for each elemental reference (known: elemental templates; dimer: gases)",
+    )
+    num_threads: int | None = Field(1, ge=1, description="torch threads (None: torch's default)")
+    device: str = "cpu"
+
+
+class VaspConfig(_Section):
+    """VASP input export with pymatgen's Materials Project input sets."""
+
+    psp_dir: str | None = Field(
+        None, description="POTCAR directory (PMG_VASP_PSP_DIR layout); None: write POTCAR.spec only"
+    )
+    static: bool = Field(True, description="also write a static / band-gap calculation (MPStaticSet)")
+    user_incar_settings: dict[str, float | int | str | bool] = Field(default_factory=dict)
 
 
 class Params(_Section):
@@ -288,6 +559,11 @@ class Params(_Section):
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     gan: GanConfig = GanConfig()
     generate: GenerateConfig = GenerateConfig()
+    experiments: ExperimentsConfig = ExperimentsConfig()
+    screening: ScreeningConfig = ScreeningConfig()
+    structures: StructuresConfig = StructuresConfig()
+    energy: EnergyConfig = EnergyConfig()
+    vasp: VaspConfig = VaspConfig()
 
 
 def find_project_root(start: Path | None = None) -> Path:

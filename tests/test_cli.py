@@ -31,3 +31,49 @@ def test_bad_params_file_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "prepare.split" in err and "must be 1" in err
     assert "prepare.dedupe" in err and "Traceback" not in err
+
+
+def test_campaign_commands_name_the_missing_input_and_the_unknown_campaign(tmp_path, capsys):
+    missing = tmp_path / "none"
+    common = ["--prepared", str(missing / "d.parquet"), "--out", str(tmp_path / "exp"), "--no-mlflow"]
+    assert main(["experiments", *common]) == 2
+    err = capsys.readouterr().err
+    assert "no prepared dataset" in err and "agd data prepare" in err and "Traceback" not in err
+    assert main(["catalog", "--dataset", str(missing), "--load", "al_samples"]) == 2
+    assert "prepared dataset" in capsys.readouterr().err
+
+
+def test_catalog_load_needs_table_equals_path(tmp_path, capsys):
+    import pandas as pd
+
+    data = tmp_path / "d.parquet"
+    pd.DataFrame({"x": [1]}).to_parquet(data)
+    assert (
+        main(["catalog", "--db", str(tmp_path / "c.duckdb"), "--dataset", str(data), "--load", "al_samples"])
+        == 2
+    )
+    assert "expected TABLE=PATH" in capsys.readouterr().err
+    args = ["--load", f"nosuchtable={data}"]
+    assert main(["catalog", "--db", str(tmp_path / "c.duckdb"), "--dataset", str(data), *args]) == 2
+    assert "nosuchtable" in capsys.readouterr().err
+
+
+def test_catalog_load_if_present_skips_a_missing_file_and_loads_a_present_one(tmp_path):
+    import pandas as pd
+
+    from agd.config import PrepareConfig
+    from agd.data.prepare import prepare_dataset, write_prepared
+    from agd.tracking.catalog import CatalogReader
+
+    raw = pd.DataFrame({"row": [1, 2], "formula": ["NaCl", "MgO"], "band_gap": [5.0, 4.5]})
+    dataset = write_prepared(prepare_dataset(raw, PrepareConfig()), tmp_path / "prep")["dataset"]
+    dft = tmp_path / "dft.parquet"
+    db = tmp_path / "c.duckdb"
+    args = ["catalog", "--db", str(db), "--dataset", str(dataset), "--load-if-present", f"dft_results={dft}"]
+    assert main(args) == 0
+    with CatalogReader(db) as reader:
+        assert reader.tables()["dft_results"] == 0
+    pd.DataFrame({"formula": ["NaCl"], "path": ["runs/NaCl"], "band_gap": [5.1]}).to_parquet(dft)
+    assert main(args) == 0
+    with CatalogReader(db) as reader:
+        assert reader.table("dft_results")["band_gap"].tolist() == [5.1]

@@ -45,6 +45,7 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     table.to_csv(project / "mixed.csv", index=False)
     params = yaml.safe_load((REPO_ROOT / "params.tiny.yaml").read_text())
     params["data"]["path"] = "mixed.csv"
+    params["structures"]["template_sources"] = [str(shared_data / "structures_mp20_diffhedron.csv.gz")]
     (project / "params.yaml").write_text(yaml.safe_dump(params))
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "AGD_DATA", "MP_API_KEY")}
@@ -64,6 +65,10 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
 
     with sqlite3.connect(project / "mlflow.db") as db:
         runs = dict(db.execute("select name, status from runs").fetchall())
+        campaign_runs = db.execute(
+            "select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
+            "where t.key = 'agd.role' and t.value = 'repeat' and r.status = 'FINISHED'"
+        ).fetchone()[0]
         prepare_id = db.execute("select run_uuid from runs where name = 'prepare'").fetchone()[0]
         logged = dict(
             db.execute("select key, value from metrics where run_uuid = ?", (prepare_id,)).fetchall()
@@ -72,23 +77,45 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
             "select count(distinct m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
             "where r.name = 'train-autoencoder' and m.key = 'val_loss'"
         ).fetchone()[0]
-    assert runs == {
-        "prepare": "FINISHED",
-        "train-oracle": "FINISHED",
-        "train-autoencoder": "FINISHED",
-        "train-gan": "FINISHED",
-        "generate": "FINISHED",
-    }
+    stages = {"prepare", "train-oracle", "train-autoencoder", "train-gan", "generate", "screen"}
+    stages |= {"structures", "energy", "export-vasp"}
+    assert {name: runs.get(name) for name in stages} == dict.fromkeys(stages, "FINISHED")
+    tiny = params["experiments"]
+    n_campaigns = (
+        len(tiny["experiments"]) * tiny["repeats"] * 2 + len(tiny["kappa_sweep"]) * tiny["kappa_repeats"]
+    )
+    assert campaign_runs == n_campaigns  # one nested MLflow run per campaign repeat
     assert logged["rows_out"] == 301 and logged["rejected"] == 5
     assert epochs == params["autoencoder"]["epochs"]  # one MLflow step per epoch
 
-    for stage in ("oracle", "autoencoder", "gan", "generate"):
+    for stage in (
+        "oracle",
+        "autoencoder",
+        "gan",
+        "generate",
+        "experiments",
+        "screening",
+        "structures",
+        "energy",
+    ):
         assert json.loads((project / "metrics" / f"{stage}.json").read_text()), stage
     candidates = pd.read_parquet(project / "data" / "generated" / "candidates.parquet")
     assert len(candidates) > 0 and candidates["reduced_formula"].is_unique
     with CatalogReader(project / "agd.duckdb") as reader:
         counts = reader.tables()
     assert counts["datasets"] == 301 and counts["candidates"] == len(candidates)
+    samples = pd.read_parquet(project / "data" / "experiments" / "samples.parquet")
+    assert (
+        counts["al_samples"] == len(samples)
+        and samples.groupby(["campaign", "repeat"]).ngroups == n_campaigns
+    )
+    screening = pd.read_parquet(project / "data" / "screening" / "metrics.parquet")
+    assert counts["screening_metrics"] == len(screening) and set(screening["training_set"]) >= {
+        "BS",
+        "AL",
+        "random",
+    }
+    assert counts["structures"] == len(pd.read_parquet(project / "data" / "vasp" / "structures.parquet"))
 
     second = _run(["dvc", "repro", "pipelines/dvc.yaml"], project, env)
     assert "Running stage" not in second

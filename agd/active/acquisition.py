@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn, Protocol
 
@@ -66,8 +66,10 @@ from threadpoolctl import threadpool_limits
 
 from agd.config import AcquisitionConfig
 
-#: ``accept(latents (m, d)) -> bool (m,)``: which candidate latents may be suggested.
-AcceptFn = Callable[[np.ndarray], np.ndarray]
+#: ``accept(latents (m, d)) -> bool (m,)``: which candidate latents may be suggested. It may instead
+#: return ``(mask, keys)`` with one hashable key per latent (e.g. the decoded formula): then no two
+#: suggestions of one batch share a key, so a batch does not spend its budget on one formula.
+AcceptFn = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, Sequence[Hashable]]"]
 
 # The GP that BayesianOptimization.__init__ builds (bayes_opt 3.x):
 # GaussianProcessRegressor(kernel=Matern(nu=2.5), alpha=1e-6, normalize_y=True, n_restarts_optimizer=5);
@@ -504,17 +506,39 @@ class _AcceptGate:
         self.rejected = 0
         self.seconds = 0.0
         self.cpu_seconds = 0.0
+        self.keys: dict[int, Hashable] = {}  # pool index -> key, when accept() gives keys
+        self.claimed: set[Hashable] = set()  # keys of this batch's picks
 
-    def check(self, x: np.ndarray) -> np.ndarray:
+    def check(self, x: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+        """accept() on rows x (pool indices ``index``); remembers their keys when accept() gives any."""
         wall, cpu = time.perf_counter(), time.process_time()
-        ok = np.asarray(self.accept(x), dtype=bool).reshape(-1)
+        answer = self.accept(x)
+        keys = None
+        if isinstance(answer, tuple):
+            answer, keys = answer
+        ok = np.asarray(answer, dtype=bool).reshape(-1)
         self.seconds += time.perf_counter() - wall
         self.cpu_seconds += time.process_time() - cpu
         if ok.shape != (len(x),):
             raise ValueError(f"accept() returned {ok.shape[0]} flags for {len(x)} candidates")
+        if keys is not None:
+            if len(keys) != len(x):
+                raise ValueError(f"accept() returned {len(keys)} keys for {len(x)} candidates")
+            index = np.arange(len(x)) if index is None else index
+            self.keys.update(zip(index.tolist(), keys, strict=True))
         self.checked += len(x)
         self.rejected += int((~ok).sum())
         return ok
+
+    def claim(self, i: int) -> bool:
+        """Reserve candidate i's key for this batch; False when an earlier pick holds it."""
+        key = self.keys.get(i)
+        if key is None:
+            return True
+        if key in self.claimed:
+            return False
+        self.claimed.add(key)
+        return True
 
     def best(self, scores: np.ndarray, status: np.ndarray, x: np.ndarray) -> int | None:
         """Index of the best-scoring accepted candidate among rows x (status updated in place), or None."""
@@ -525,10 +549,14 @@ class _AcceptGate:
             if not np.isfinite(scores[i]):
                 return None
             if status[i] != 0:
-                return i
+                if self.claim(i):
+                    return i
+                status[i], scores[i] = -1, -np.inf  # its key went to an earlier pick of this batch
+                self.rejected += 1
+                continue
             unchecked = np.flatnonzero((status == 0) & np.isfinite(scores))
             batch = unchecked[np.argsort(-scores[unchecked], kind="stable")[: self.chunk]]
-            ok = self.check(x[batch])
+            ok = self.check(x[batch], batch)
             status[batch] = np.where(ok, 1, -1)
             scores[batch[~ok]] = -np.inf
 
@@ -727,10 +755,12 @@ class BatchOptimizer:
             return uniform
         best = np.argsort(-self.registered_y, kind="stable")[: cfg.local_centres]
         centres = self.registered_x[best][rng.integers(0, len(best), cfg.n_local)]
-        # directions shaped like the box; radii log-uniform from 1% to 100% of the length scale
+        # directions shaped like the box; radii log-uniform over local_radius length scales (1% to 100% by default)
         direction = rng.standard_normal((cfg.n_local, len(lo))) * (hi - lo)
         direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), np.finfo(float).tiny)
-        radius = gp.length_scale * 10.0 ** rng.uniform(-2.0, 0.0, size=(cfg.n_local, 1))
+        low, high = np.log10(cfg.local_radius)
+        scale = gp.length_scale if cfg.local_scale is None else cfg.local_scale * float(np.linalg.norm(hi - lo))
+        radius = scale * 10.0 ** rng.uniform(low, high, size=(cfg.n_local, 1))
         radius = np.minimum(radius, np.linalg.norm(hi - lo))
         return np.vstack([uniform, np.clip(centres + radius * direction, lo, hi)])
 
@@ -852,7 +882,12 @@ class BatchOptimizer:
             for start in range(0, len(x), gate.chunk):
                 chunk = x[start : start + gate.chunk]
                 drawn += len(chunk)
-                found.extend(chunk if gate.accept is None else chunk[gate.check(chunk)])
+                if gate.accept is None:
+                    found.extend(chunk)
+                    continue
+                gate.keys.clear()
+                ok = gate.check(chunk)
+                found.extend(row for j, row in enumerate(chunk) if ok[j] and gate.claim(j))
                 if len(found) >= n:
                     nan = np.full(n, np.nan)
                     return np.array(found[:n]), nan, nan, nan, drawn

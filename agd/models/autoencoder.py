@@ -17,7 +17,9 @@ row, so the output is decoded row by row by argmax (:meth:`Vocabulary.decode_pro
 
 Loss: the paper's sigmoid + binary cross-entropy over every cell (``loss="bce"``) or a softmax over
 each element's counts with categorical cross-entropy (``loss="categorical"``); ``nonzero_weight``
-up-weights the few cells that hold a present element's count.
+up-weights the few cells that hold a present element's count, and ``count_weight_power`` further
+up-weights present elements with rare (large) counts, where most held-out errors are. ``latent_noise``
+perturbs the latent vectors during training only (a regulariser; evaluation and encoding are exact).
 
 Stage outputs (``save_autoencoder``): ``model.pt`` (state dict), ``vocab.json``, ``config.json``,
 ``bounds.json`` (per-dimension min/max of the training latents: the search box of the campaigns),
@@ -125,20 +127,43 @@ def _as_compositions(items: Sequence[Mapping[str, int] | str]) -> list[dict[str,
     return [reduce_counts(parse_formula(i) if isinstance(i, str) else dict(i)) for i in items]
 
 
-def _loss(logits: torch.Tensor, counts: torch.Tensor, cfg: AutoencoderConfig) -> torch.Tensor:
-    """Mean loss of a batch; present elements' set cells weigh ``cfg.nonzero_weight``."""
+def count_weights(counts: torch.Tensor, n_counts: int, power: float) -> torch.Tensor | None:
+    """Loss weight of a present element by its true count: ``(n_1 / n_k) ** power`` (None when power is 0).
+
+    ``n_k`` is the number of training cells holding count k (at least 1). Large counts are rare, and
+    most held-out errors are a large count decoded as a smaller one, so they get more weight.
+    """
+    if power == 0:
+        return None
+    freq = torch.bincount(counts.reshape(-1).cpu(), minlength=n_counts)[:n_counts].double().clamp_min(1)
+    weights = (freq[1] / freq) ** power
+    weights[0] = 1.0  # absent elements keep weight 1 (``nonzero_weight`` handles the balance)
+    return weights.float().to(counts.device)
+
+
+def _loss(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    cfg: AutoencoderConfig,
+    by_count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean loss of a batch; present elements' set cells weigh ``cfg.nonzero_weight`` (times ``by_count[k]``)."""
     n_counts = logits.shape[-1]
     if cfg.loss == "categorical":
         per_row = F.cross_entropy(logits.reshape(-1, n_counts), counts.reshape(-1), reduction="none")
-        if cfg.nonzero_weight == 1.0:
+        if cfg.nonzero_weight == 1.0 and by_count is None:
             return per_row.mean()
         weight = torch.where(counts.reshape(-1) > 0, cfg.nonzero_weight, 1.0)
+        if by_count is not None:
+            weight = weight * by_count[counts.reshape(-1)]
         return (per_row * weight).mean()
     target = F.one_hot(counts, n_counts).to(logits.dtype)
-    if cfg.nonzero_weight == 1.0:
+    if cfg.nonzero_weight == 1.0 and by_count is None:
         return F.binary_cross_entropy_with_logits(logits, target)
     weight = torch.ones_like(target)
     weight[..., 1:] += (cfg.nonzero_weight - 1.0) * target[..., 1:]
+    if by_count is not None:  # every cell of a present element's row weighs that element's count weight
+        weight = weight * by_count[counts].unsqueeze(-1)
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight)
 
 
@@ -220,6 +245,7 @@ def train_autoencoder(
         )
     shuffle = torch.Generator().manual_seed(cfg.seed)
     n_counts = vocab.shape[1]
+    by_count = count_weights(train, n_counts, cfg.count_weight_power)
 
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
@@ -233,8 +259,12 @@ def train_autoencoder(
         total = 0.0
         for i in range(0, len(train), cfg.batch_size):
             batch = train[order[i : i + cfg.batch_size]]
-            logits = model.decode_logits(model.encode(_one_hot(batch, n_counts)))
-            loss = _loss(logits, batch, cfg)
+            z = model.encode(_one_hot(batch, n_counts))
+            if cfg.latent_noise > 0:  # a decoder robust to small latent moves generalises better
+                scale = z.detach().std(dim=0, keepdim=True) if len(z) > 1 else z.detach().abs()
+                z = z + cfg.latent_noise * scale * torch.randn(z.shape, generator=shuffle).to(device)
+            logits = model.decode_logits(z)
+            loss = _loss(logits, batch, cfg, by_count)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

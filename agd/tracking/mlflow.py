@@ -103,3 +103,108 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
     walk("", metrics)
     if flat:
         mlflow.log_metrics(flat, step=step)
+
+
+def _quote_value(value: str) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class CampaignTracker:
+    """MLflow for campaigns: a parent run per campaign, a nested run per repeat, metrics with step=round.
+
+    Runs are found again by their tags (campaign, repeat and a fingerprint of the settings), so a
+    resumed campaign keeps logging into the runs it started, and ``sync`` logs only the rounds a run
+    has not seen yet: no duplicate steps, whatever point the previous process was killed at.
+    Everything goes through ``MlflowClient`` with explicit run ids, never the process-global active run.
+    """
+
+    def __init__(
+        self,
+        cfg: TrackingConfig | None = None,
+        experiment: str = "campaigns",
+        tags: Mapping[str, str] | None = None,
+        root: Path | None = None,
+    ) -> None:
+        import mlflow
+
+        root = root or find_project_root()
+        self.uri = tracking_uri(cfg, root)
+        self.client = mlflow.MlflowClient(self.uri)
+        prefix = cfg.experiment_prefix if cfg is not None else "agd"
+        self.experiment_id = _experiment_id(self.client, f"{prefix}-{experiment}", root)
+        self.tags = {"agd.stage": experiment, **(tags or {})}
+        self._parents: dict[tuple[str, str], str] = {}
+
+    def _find(self, tags: Mapping[str, str]) -> str | None:
+        query = " and ".join(f"tags.`{k}` = {_quote_value(v)}" for k, v in tags.items())
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time ASC"]
+        )
+        return runs[0].info.run_id if runs else None
+
+    def _run(self, tags: Mapping[str, str], name: str, params: Mapping[str, Any] | None) -> str:
+        run_id = self._find(tags)
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(self.experiment_id, tags={**self.tags, **tags}, run_name=name)
+        if params:
+            from mlflow.entities import Param
+
+            items = [Param(k, v) for k, v in flatten_params(params).items()]
+            for start in range(0, len(items), 100):
+                self.client.log_batch(run.info.run_id, params=items[start : start + 100])
+        return run.info.run_id
+
+    def parent(self, campaign: str, settings: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
+        """The campaign's parent run (created once per campaign name and settings fingerprint)."""
+        key = (campaign, settings)
+        if key not in self._parents:
+            self._parents[key] = self._run(
+                {"agd.campaign": campaign, "agd.role": "campaign", "agd.settings": settings, **tags},
+                campaign,
+                params,
+            )
+        return self._parents[key]
+
+    def repeat(
+        self, parent_id: str, campaign: str, repeat: int, fingerprint: str, tags: Mapping[str, str]
+    ) -> str:
+        """The nested run of one repeat."""
+        return self._run(
+            {
+                "agd.campaign": campaign,
+                "agd.role": "repeat",
+                "repeat": str(repeat),
+                "agd.fingerprint": fingerprint,
+                "mlflow.parentRunId": parent_id,
+                **tags,
+            },
+            f"{campaign}-r{repeat}",
+            None,
+        )
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """Steps already logged for a metric of a run."""
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
+
+    def log_step(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        """Log one step's metrics in a single batch."""
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[start : start + 1000])
+
+    def finish(
+        self, run_id: str, metrics: Mapping[str, float] | None = None, status: str = "FINISHED"
+    ) -> None:
+        """Log final metrics (no step) and close the run."""
+        if metrics:
+            seen = self.client.get_run(run_id).data.metrics  # a resumed run logs its totals once
+            self.log_step(run_id, {k: v for k, v in metrics.items() if k not in seen}, 0)
+        self.client.set_terminated(run_id, status=status)

@@ -17,7 +17,9 @@ def test_round_trip_on_every_fitting_formula(shared_data):
     vocab = Vocabulary.from_compositions((parse_formula(f) for f in exp1["composition"]), max_count=20)
     table = read_shared_csv(shared_data / "mp_gap_by_composition.csv")
     compositions = [reduce_counts(parse_formula(f)) for f in table["formula"]]
-    fitting = [(c, k) for c, k in zip(compositions, table["reduced_formula"], strict=True) if vocab.misfit(c) is None]
+    fitting = [
+        (c, k) for c, k in zip(compositions, table["reduced_formula"], strict=True) if vocab.misfit(c) is None
+    ]
     assert len(fitting) > 0.9 * len(table)  # the vocabulary is not trivially small
     for start in range(0, len(fitting), 10_000):
         chunk = fitting[start : start + 10_000]

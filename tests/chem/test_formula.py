@@ -55,7 +55,9 @@ def test_keys_match_the_shared_data_convention(shared_data):
     """Our composition key equals the `reduced_formula` column of every shared table."""
     for name, column in (("mp_gap_by_composition.csv", "formula"), ("mp_gap_agd_exp1.csv", "composition")):
         df = read_shared_csv(shared_data / name)
-        mismatches = [(f, k) for f, k in zip(df[column], df["reduced_formula"], strict=True) if formula_key(f) != k]
+        mismatches = [
+            (f, k) for f, k in zip(df[column], df["reduced_formula"], strict=True) if formula_key(f) != k
+        ]
         assert mismatches == [], mismatches[:5]
 
 

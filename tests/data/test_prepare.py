@@ -37,7 +37,13 @@ def test_bad_rows_are_rejected_with_row_and_reason_and_good_rows_kept():
     assert kept.loc["NaCl", "band_gap"] == 5.0 and kept.loc["NaCl", "row"] == 11
     s = out.summary
     assert (s["rows_in"], s["rejected"], s["duplicates_merged"], s["rows_out"]) == (11, 7, 1, 3)
-    assert s["rejected_by_code"] == {"bad_gap": 2, "empty": 2, "fractional": 1, "negative_gap": 1, "unknown_element": 1}
+    assert s["rejected_by_code"] == {
+        "bad_gap": 2,
+        "empty": 2,
+        "fractional": 1,
+        "negative_gap": 1,
+        "unknown_element": 1,
+    }
     assert sum(s["split"].values()) == 3
 
 
@@ -56,13 +62,22 @@ def test_filters_drop_and_report():
     raw = _raw(["Cu", "NaCl", "Li7La3Zr2O12", "BaTiO3", "PbS", "KMgAlSiPO8"], [0.0, 5.0, 4.0, 3.0, 0.4, 5.0])
     cfg = PrepareConfig(
         filters=FilterConfig(
-            gap_positive_only=True, exclude_elements=["Pb"], max_elements=4, max_atoms=20, max_atoms_per_element=7
+            gap_positive_only=True,
+            exclude_elements=["Pb"],
+            max_elements=4,
+            max_atoms=20,
+            max_atoms_per_element=7,
         )
     )
     out = prepare_dataset(raw, cfg)
     assert sorted(out.dataset["reduced_formula"]) == ["BaTiO3", "NaCl"]
     codes = dict(zip(out.rejects["row"], out.rejects["code"], strict=True))
-    assert codes == {1: "gap_not_positive", 3: "too_many_atoms", 5: "excluded_element", 6: "too_many_elements"}
+    assert codes == {
+        1: "gap_not_positive",
+        3: "too_many_atoms",
+        5: "excluded_element",
+        6: "too_many_elements",
+    }
     assert set(out.rejects["stage"]) == {"filter"}
     assert out.summary["filtered"] == 4 and out.summary["rejected"] == 0
 
@@ -82,10 +97,19 @@ def test_split_is_seeded_and_independent_of_row_order():
 def test_paper_exp1_file_keeps_every_row(shared_data, tmp_path):
     df = read_shared_csv(shared_data / "mp_gap_agd_exp1.csv")
     raw = pd.DataFrame(
-        {"row": np.arange(1, len(df) + 1), "formula": df["composition"], "band_gap": df["band_gap"], "in_agd_bd_test": df["in_agd_bd_test"]}
+        {
+            "row": np.arange(1, len(df) + 1),
+            "formula": df["composition"],
+            "band_gap": df["band_gap"],
+            "in_agd_bd_test": df["in_agd_bd_test"],
+        }
     )
     out = prepare_dataset(raw, PrepareConfig())
-    assert out.summary["rows_in"] == 42_669 and out.summary["rejected"] == 0 and out.summary["rows_out"] == 42_669
+    assert (
+        out.summary["rows_in"] == 42_669
+        and out.summary["rejected"] == 0
+        and out.summary["rows_out"] == 42_669
+    )
     assert out.dataset["reduced_formula"].tolist() == df["reduced_formula"].tolist()
     assert out.dataset["in_agd_bd_test"].sum() == 500
     hist = out.summary["band_gap"]["histogram"]

@@ -256,7 +256,9 @@ def test_fetch_local_provenance(files):
     assert prov["sha256"] == hashlib.sha256((files / "env.csv").read_bytes()).hexdigest()
     assert prov["column_map"] == {"formula": "formula", "band_gap": "band_gap"}
     assert prov["versions"]["pandas"] == pd.__version__
-    assert "retrieved_at" not in prov  # a local file is identified by its hash: re-runs give identical provenance
+    assert (
+        "retrieved_at" not in prov
+    )  # a local file is identified by its hash: re-runs give identical provenance
     assert fetch(DataConfig(), {"AGD_DATA": "env.csv"})[1] == prov
     json.dumps(prov)
 

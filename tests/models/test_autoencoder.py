@@ -11,6 +11,8 @@ from agd.config import AutoencoderConfig, EncodingConfig, PrepareConfig
 from agd.data.prepare import prepare_dataset, write_prepared
 from agd.models.autoencoder import (
     CompositionAutoencoder,
+    _loss,
+    count_weights,
     latent_bounds,
     load_autoencoder,
     reconstruction_metrics,
@@ -248,3 +250,45 @@ def test_stage_with_a_fixed_element_list_skips_other_elements(prepared, tmp_path
             "element_not_in_vocabulary": int((rows & ~in_list).sum()),
         }
     assert load_autoencoder(tmp_path / "ae").vocab.elements == tuple(elements)
+
+
+def test_count_weights_favour_rare_counts_and_scale_the_loss():
+    counts = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 2, 0], [4, 0, 0, 0, 1]])
+    assert count_weights(counts, 5, 0.0) is None
+    # training cells: count 1 six times, 2 once, 3 never (taken as once), 4 once
+    weights = count_weights(counts, 5, 0.5)
+    assert weights.tolist() == pytest.approx([1.0, 1.0, 6**0.5, 6**0.5, 6**0.5])
+    logits = torch.randn(3, 5, 5, generator=torch.Generator().manual_seed(0))
+    cfg = AutoencoderConfig(loss="categorical", nonzero_weight=2.0)
+    per_row = torch.nn.functional.cross_entropy(logits.reshape(-1, 5), counts.reshape(-1), reduction="none")
+    base = torch.where(counts.reshape(-1) > 0, 2.0, 1.0)
+    expected = (per_row * base * weights[counts.reshape(-1)]).mean()
+    assert torch.allclose(_loss(logits, counts, cfg, weights), expected)
+    assert not torch.allclose(_loss(logits, counts, cfg, weights), _loss(logits, counts, cfg))
+    # BCE: the whole row of a present element is scaled; absent rows (weight 1) are unchanged
+    bce = AutoencoderConfig(loss="bce")
+    ones = torch.ones(5)
+    only_rare = ones.clone()
+    only_rare[4] = 10.0
+    diff = _loss(logits, counts, bce, only_rare) - _loss(logits, counts, bce, ones)
+    target = torch.nn.functional.one_hot(counts, 5).float()
+    cells = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    assert torch.allclose(diff, 9.0 * cells[counts == 4].sum() / cells.numel())
+
+
+def test_rare_count_weighting_and_latent_noise_train_deterministically(splits, vocab):
+    train, val = splits["train"][:600], splits["val"][:150]
+    cfg = TINY.model_copy(update={"epochs": 4})
+    plain, history_plain, _ = train_autoencoder(train, val, vocab, cfg)
+    for update in ({"count_weight_power": 0.5}, {"latent_noise": 0.2}):
+        option = cfg.model_copy(update=update)
+        a, history_a, metrics_a = train_autoencoder(train, val, vocab, option)
+        b, history_b, metrics_b = train_autoencoder(train, val, vocab, option)
+        assert [h["val_loss"] for h in history_a] == [h["val_loss"] for h in history_b], update
+        assert torch.equal(a.encoder_fc.weight, b.encoder_fc.weight)
+        assert not torch.equal(a.encoder_fc.weight, plain.encoder_fc.weight), update
+        assert history_a[-1]["train_loss"] < 0.9 * history_a[0]["train_loss"]
+        assert history_a[-1]["val_loss"] < history_a[0]["val_loss"]
+        # the noise is for training only: evaluation of the returned model is deterministic
+        again = reconstruction_metrics(a, val, vocab)
+        assert again == reconstruction_metrics(a, val, vocab) == metrics_a["val"]

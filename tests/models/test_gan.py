@@ -248,3 +248,92 @@ def test_trims_mask_matches_misfit():
     mask = trims.mask(counts.sum(axis=1), (counts > 0).sum(axis=1), counts.max(axis=1))
     expected = [trims.misfit({str(i): int(c) for i, c in enumerate(row) if c}) is None for row in counts]
     assert mask.tolist() == expected
+
+
+def _two_way_generator(vocab: Vocabulary, element: str, p_one: float, temperature: float = 1.0) -> Generator:
+    """Every sample has O once; ``element`` is absent or has count 1 with probability ``p_one``."""
+    generator = _fixed_generator(vocab, {"O": 1})
+    generator.sample_temperature = temperature
+    with torch.no_grad():
+        bias = generator.net[-1].bias.view(vocab.shape)
+        row = vocab.elements.index(element)
+        bias[row] = -50.0
+        bias[row, 0], bias[row, 1] = math.log(1 - p_one), math.log(p_one)
+    return generator
+
+
+def test_sample_temperature_sharpens_the_count_draws():
+    vocab = Vocabulary.from_symbols(["Na", "Cl", "K", "O"], 7)
+    n = 4000
+
+    def share_with_k(generator: Generator, **kwargs) -> float:
+        frame = pd.concat(sample_formulas(generator, vocab, n, seed=5, chunk_size=1500, **kwargs))
+        assert frame["formula"].notna().all()
+        return float(frame["formula"].str.contains("K").mean())
+
+    generator = _two_way_generator(vocab, "K", 0.7)
+    assert share_with_k(generator) == pytest.approx(0.7, abs=0.03)
+    # T = 0.5 draws from p ** 2 renormalised: 0.49 / (0.49 + 0.09)
+    assert share_with_k(generator, temperature=0.5) == pytest.approx(0.49 / 0.58, abs=0.03)
+    assert share_with_k(generator, temperature=0.0) == 1.0  # the most probable count, always
+    # the generator's own setting is the default, and T = 1 reproduces the plain draws exactly
+    cold = _two_way_generator(vocab, "K", 0.7, temperature=0.5)
+    assert share_with_k(cold) == share_with_k(generator, temperature=0.5)
+    plain = pd.concat(sample_formulas(generator, vocab, 500, seed=5))
+    pd.testing.assert_frame_equal(
+        plain, pd.concat(sample_formulas(generator, vocab, 500, seed=5, temperature=1.0))
+    )
+    with pytest.raises(ValueError, match="sample_temperature"):
+        Generator(4, 4, 8, hidden=[8], sample_temperature=-1.0)
+
+
+def test_sample_temperature_is_saved_with_the_generator(tmp_path):
+    vocab = Vocabulary.from_symbols(["Na", "Cl", "K", "O"], 7)
+    cfg = TINY.model_copy(
+        update={"noise_dim": 4, "generator_hidden": [8], "critic_hidden": [8], "sample_temperature": 0.0}
+    )
+    generator, critic = build_networks(cfg, vocab)
+    assert generator.sample_temperature == 0.0
+    bundle = load_gan(save_gan(tmp_path / "gan", generator, critic, vocab, cfg))
+    assert bundle.generator.sample_temperature == 0.0
+    # at T = 0 a sample depends on the input noise only, so re-drawing the Gumbel noise changes nothing
+    noise = bundle.generator.noise(64, torch.Generator().manual_seed(0))
+    a = bundle.generator.fake(noise, torch.Generator().manual_seed(1), temperature=0.0)
+    b = bundle.generator.fake(noise, torch.Generator().manual_seed(2), temperature=0.0)
+    assert torch.equal(a, b)
+
+
+def test_entropy_weight_makes_the_generator_rows_confident(training):
+    compositions, vocab, _ = training
+    cfg = TINY.model_copy(update={"epochs": 8})
+    noise = torch.randn(512, cfg.noise_dim, generator=torch.Generator().manual_seed(0))
+
+    def mean_row_entropy(generator: Generator) -> float:
+        with torch.no_grad():
+            probs = generator(noise)
+        return float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())
+
+    plain, _, history_plain = train_gan(compositions[:1500], vocab, cfg, progress=False)
+    sharp, _, history = train_gan(
+        compositions[:1500], vocab, cfg.model_copy(update={"entropy_weight": 5.0}), progress=False
+    )
+    assert "row_entropy" not in history_plain[-1] and history[-1]["row_entropy"] > 0
+    assert mean_row_entropy(sharp) < 0.5 * mean_row_entropy(plain)
+
+
+def test_diversity_weight_spreads_the_outputs_of_different_noise(training):
+    compositions, vocab, _ = training
+    cfg = TINY.model_copy(update={"epochs": 4})
+    noise = torch.randn(512, cfg.noise_dim, generator=torch.Generator().manual_seed(0))
+
+    def spread(generator: Generator) -> float:
+        with torch.no_grad():
+            probs = generator(noise)
+        return float((probs[:256] - probs[256:]).abs().mean())
+
+    plain, _, history_plain = train_gan(compositions[:1500], vocab, cfg, progress=False)
+    diverse, _, history = train_gan(
+        compositions[:1500], vocab, cfg.model_copy(update={"diversity_weight": 20.0}), progress=False
+    )
+    assert "diversity" not in history_plain[-1] and history[-1]["diversity"] > 0
+    assert spread(diverse) > 1.2 * spread(plain)

@@ -1,0 +1,1 @@
+"""From formula to DFT: template structures, substitution, CHGNet energies, VASP inputs and results."""

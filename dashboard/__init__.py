@@ -1,0 +1,1 @@
+"""Streamlit dashboard over the agd catalog and MLflow (`streamlit run dashboard/app.py`)."""

@@ -1,0 +1,216 @@
+"""Drive the real dashboard in headless Chromium: start `streamlit run`, screenshot pages, time page loads.
+
+    python -m dashboard.browser screenshot --out reports/dashboard.png     # catalog from params / AGD_CATALOG
+    python -m dashboard.browser loadtime --candidates 1000000 --al-samples 50000
+
+Chromium is Debian's (`apt-get install chromium`), driven by Playwright from PyPI with
+``executable_path``; no browser is downloaded. The server binds to 127.0.0.1 on a free port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "dashboard" / "app.py"
+
+#: Page name -> (URL path, Playwright selector of what the page renders last). The default page lives at "/".
+PAGES = {
+    "experiments": ("", '[data-testid="stTable"] >> text=±'),
+    "campaigns": ("campaigns", "text=MLflow runs"),
+    "design_space": ("design_space", "text=active-learning samples"),
+    "candidates": ("candidates", "text=Candidate detail"),
+    "status": ("status", "text=Tracking URI"),
+}
+
+
+def find_chromium() -> str | None:
+    """Path of a system Chromium, if installed."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningApp:
+    """A dashboard server started by ``running_app``."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        """What the server has printed so far."""
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_app(
+    env: dict[str, str] | None = None, port: int | None = None, timeout: float = 90.0
+) -> Iterator[RunningApp]:
+    """Start `streamlit run dashboard/app.py` from the project root and wait until it answers its health check."""
+    port = port or free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        log = Path(folder) / "streamlit.log"
+        with log.open("w") as sink:
+            # cwd is the project root so that .streamlit/config.toml there (address 127.0.0.1) applies
+            process = subprocess.Popen(
+                [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port)],
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        app = RunningApp(f"http://127.0.0.1:{port}", process, log)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"streamlit exited with {process.returncode}:\n{app.output()}")
+                try:
+                    with urllib.request.urlopen(f"{app.url}/_stcore/health", timeout=2) as answer:
+                        if answer.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"streamlit did not answer on {app.url} within {timeout:g} s:\n{app.output()}"
+                    )
+                time.sleep(0.3)
+            yield app
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextlib.contextmanager
+def chromium_page(width: int = 1400, height: int = 1600) -> Iterator:
+    """A Playwright page in headless system Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    executable = find_chromium()
+    if executable is None:
+        raise RuntimeError("no chromium on PATH; install it with `apt-get install -y chromium`")
+    with sync_playwright() as playwright:
+        # --no-sandbox: Chromium refuses its sandbox when run as root (CI runs as root)
+        browser = playwright.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
+
+
+def load_page(page, base_url: str, name: str, timeout_s: float = 120.0) -> float:
+    """Open one dashboard page and wait until it has rendered its data and finished running; seconds taken."""
+    path, ready = PAGES[name]
+    start = time.perf_counter()
+    page.goto(f"{base_url}/{path}")
+    page.locator(ready).first.wait_for(state="visible", timeout=timeout_s * 1000)
+    # while a script runs Streamlit shows its status widget; the page is loaded once it is gone
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_s * 1000
+    )
+    return time.perf_counter() - start
+
+
+def screenshot(out: Path, name: str = "experiments", env: dict[str, str] | None = None) -> Path:
+    """Start the app, open one page and save a full-page screenshot to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with running_app(env) as app, chromium_page() as page:
+        load_page(page, app.url, name)
+        page.screenshot(path=str(out), full_page=True)
+    return out
+
+
+def measure_load_times(db: Path, repeats: int = 2) -> dict[str, list[float]]:
+    """Seconds to load each page on the catalog ``db`` (first load fills the caches, later ones reuse them)."""
+    times: dict[str, list[float]] = {}
+    with running_app({"AGD_CATALOG": str(db)}) as app, chromium_page() as page:
+        for _ in range(repeats):
+            for name in PAGES:
+                times.setdefault(name, []).append(load_page(page, app.url, name))
+    return times
+
+
+def _cmd_screenshot(args: argparse.Namespace) -> int:
+    env = {"AGD_CATALOG": str(Path(args.catalog).resolve())} if args.catalog else {}
+    print(screenshot(Path(args.out), args.page, env))
+    return 0
+
+
+def _cmd_loadtime(args: argparse.Namespace) -> int:
+    from dashboard.synthetic import synthetic_tables, write_synthetic_catalog
+
+    folder = Path(args.workdir or tempfile.mkdtemp(prefix="agd-loadtime-"))
+    db = folder / "agd.duckdb"
+    if not db.is_file():
+        start = time.perf_counter()
+        # ~50k suggestions: 11 campaigns x repeats x (initial + rounds x batch)
+        tables = synthetic_tables(
+            n_candidates=args.candidates,
+            n_repeats=10,
+            n_initial=300,
+            n_rounds=50,
+            batch=max(1, round((args.al_samples / 110 - 300) / 50)),
+            n_hits=2000,
+            latent_dim=128,
+            seed=0,
+        )
+        counts = write_synthetic_catalog(db, folder / "parquet", tables)
+        print(f"built {db} in {time.perf_counter() - start:.1f} s: {counts}")
+    times = measure_load_times(db, repeats=args.repeats)
+    for path, seconds in times.items():
+        print(f"{path:14s} " + "  ".join(f"{s:6.2f} s" for s in seconds))
+    if args.screenshot:
+        print(screenshot(Path(args.screenshot), "experiments", {"AGD_CATALOG": str(db)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: screenshot or loadtime."""
+    parser = argparse.ArgumentParser(prog="python -m dashboard.browser", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    shot = commands.add_parser("screenshot", help="save a screenshot of one page")
+    shot.add_argument("--out", default="reports/dashboard.png")
+    shot.add_argument("--page", default="experiments", choices=list(PAGES))
+    shot.add_argument("--catalog", default=None, help="catalog file (default: AGD_CATALOG or params.yaml)")
+    shot.set_defaults(func=_cmd_screenshot)
+    load = commands.add_parser("loadtime", help="time page loads on a large synthetic catalog")
+    load.add_argument("--candidates", type=int, default=1_000_000)
+    load.add_argument("--al-samples", type=int, default=50_000)
+    load.add_argument("--repeats", type=int, default=2)
+    load.add_argument("--workdir", default=None, help="keep (and reuse) the synthetic catalog here")
+    load.add_argument("--screenshot", default=None, help="also save a screenshot of the Experiments page")
+    load.set_defaults(func=_cmd_loadtime)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Campaigns: per-round band gaps and best so far (Fig. 5a), the kappa sweep (Fig. 5b), valid decodes, MLflow runs."""
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from dashboard import data, ui
+
+
+@st.cache_data(show_spinner=False, ttl=60)
+def _mlflow_runs(uri: str) -> tuple[pd.DataFrame, str | None]:
+    return data.mlflow_runs(uri)
+
+
+st.title("Active-learning campaigns")
+ui.caption_catalog()
+ui.require_table("al_samples")
+index = ui.query("campaign_index")
+experiments = sorted(index["experiment"].dropna().unique())
+
+# --- Fig. 5a: one campaign repeat -------------------------------------------------------------
+st.subheader("Band gap of sampled formulas per round")
+left, middle, right = st.columns(3)
+experiment = left.selectbox(
+    "Experiment",
+    experiments,
+    index=experiments.index("Exp2") if "Exp2" in experiments else 0,
+    key="camp_experiment",
+)
+campaigns = index.loc[index["experiment"] == experiment, "campaign"].unique().tolist()
+campaign = middle.selectbox("Campaign", campaigns, key="camp_campaign")
+repeats = index.loc[index["campaign"] == campaign, "repeat"].astype(int).tolist()
+repeat = right.selectbox("Repeat", repeats, key="camp_repeat")
+
+rounds = ui.query("round_summary", (experiment,))
+trace = rounds[(rounds["campaign"] == campaign) & (rounds["repeat"] == repeat)]
+samples = ui.query("sampled_gaps", campaign, int(repeat))
+figure = go.Figure()
+figure.add_trace(
+    go.Scatter(
+        x=samples["round"],
+        y=samples["band_gap"],
+        mode="markers",
+        name="sampled formulas",
+        text=samples["formula"],
+        marker={"size": 5, "opacity": 0.5},
+    )
+)
+figure.add_trace(
+    go.Scatter(x=trace["round"], y=trace["best_so_far"], mode="lines+markers", name="best so far")
+)
+figure.update_layout(
+    xaxis_title="round (0 = initial training samples)", yaxis_title="band gap (eV)", height=380
+)
+st.plotly_chart(figure, width="stretch", key="fig_5a")
+st.dataframe(
+    trace[
+        ["round", "n_suggested", "n_valid", "valid_rate", "n_labelled", "mean_gap", "max_gap", "best_so_far"]
+    ],
+    hide_index=True,
+    width="stretch",
+    column_config={
+        "valid_rate": st.column_config.NumberColumn("valid rate", format="percent"),
+        "mean_gap": st.column_config.NumberColumn("mean gap (eV)", format="%.3f"),
+        "max_gap": st.column_config.NumberColumn("max gap (eV)", format="%.3f"),
+        "best_so_far": st.column_config.NumberColumn("best so far (eV)", format="%.3f"),
+    },
+    key="round_table",
+)
+
+# --- valid-decode rate per round, every experiment -------------------------------------------
+st.subheader("Valid-decode rate per round")
+all_rounds = ui.query("round_summary", tuple(experiments))
+suggested = all_rounds[all_rounds["round"] >= 1]
+valid_rate = (
+    suggested.groupby(["experiment", "round"], as_index=False)[["n_valid", "n_suggested"]]
+    .sum()
+    .assign(valid_rate=lambda f: f["n_valid"] / f["n_suggested"])
+)
+st.plotly_chart(
+    px.line(
+        valid_rate,
+        x="round",
+        y="valid_rate",
+        color="experiment",
+        markers=True,
+        labels={"valid_rate": "valid formulas / suggestions"},
+        height=320,
+    ).update_yaxes(tickformat=".0%", range=[0, 1.05]),
+    width="stretch",
+    key="valid_rate_chart",
+)
+overall = suggested.groupby("experiment")[["n_valid", "n_suggested"]].sum()
+st.table(
+    pd.DataFrame(
+        {
+            "suggestions": overall["n_suggested"],
+            "valid formulas": overall["n_valid"],
+            "valid rate": (overall["n_valid"] / overall["n_suggested"]).map("{:.1%}".format),
+        }
+    )
+)
+
+# --- Fig. 5b: kappa sweep ---------------------------------------------------------------------
+st.subheader("Kappa sweep: high-gap formulas found per round")
+default_sweep = data.sweep_experiment(index)
+left, right = st.columns(2)
+sweep = left.selectbox(
+    "Sweep experiment",
+    experiments,
+    index=experiments.index(default_sweep) if default_sweep in experiments else 0,
+    key="sweep_experiment",
+)
+threshold = right.number_input(
+    "Band-gap threshold (eV)", min_value=0.0, max_value=20.0, value=6.0, step=0.5, key="sweep_threshold"
+)
+kappas = ui.query("kappa_sweep", sweep, float(threshold))
+if kappas.empty:
+    st.info(f"No suggestion rounds for {sweep}.")
+else:
+    # pivot on the numbers, so kappa 10 sorts after 5; label with text only afterwards
+    found = kappas.pivot(index="kappa", columns="round", values="n_high")
+    found.index = [f"{k:g}" for k in found.index]
+    found.index.name = "kappa"
+    kappas["kappa"] = kappas["kappa"].map("{:g}".format)
+    st.plotly_chart(
+        px.line(
+            kappas,
+            x="round",
+            y="cum_high",
+            color="kappa",
+            category_orders={"kappa": list(found.index)},
+            markers=True,
+            labels={"cum_high": f"new formulas > {threshold:g} eV (cumulative, mean over repeats)"},
+            height=360,
+        ),
+        width="stretch",
+        key="fig_5b",
+    )
+    found.columns = [f"round {c}" for c in found.columns]
+    found["total"] = found.sum(axis=1)
+    st.caption(f"New formulas above {threshold:g} eV found per round (mean over repeats)")
+    st.dataframe(found.round(2), width="stretch", key="kappa_table")
+
+# --- MLflow runs ------------------------------------------------------------------------------
+st.subheader("MLflow runs")
+cfg = ui.settings()
+runs, problem = _mlflow_runs(cfg.tracking_uri)
+if problem:
+    st.info(problem)
+runs = runs[runs["experiment"].isin(experiments)]
+if runs.empty:
+    if not problem:
+        st.info(f"No runs tagged with an experiment in {cfg.tracking_uri}.")
+else:
+    runs = runs.assign(
+        link=[
+            data.run_url(cfg.mlflow_ui, e, r)
+            for e, r in zip(runs["mlflow_experiment_id"], runs["run_id"], strict=True)
+        ]
+    )
+    st.caption(f"Links open `mlflow ui` at {cfg.mlflow_ui} (set AGD_MLFLOW_UI for another address).")
+    st.dataframe(
+        runs[["experiment", "campaign", "role", "repeat", "kappa", "run_name", "status", "link"]],
+        hide_index=True,
+        width="stretch",
+        column_config={"link": st.column_config.LinkColumn("MLflow run", display_text="open")},
+        key="mlflow_runs",
+    )

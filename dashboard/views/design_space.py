@@ -1,0 +1,83 @@
+"""Design space: 2-D t-SNE of latent vectors, initial training samples vs active-learning samples (Fig. 8)."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from dashboard import data, ui
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _embedding(
+    db: str, version: int, experiments: tuple, n_points: int, seed: int, perplexity: float
+) -> pd.DataFrame:
+    """The sampled points with their t-SNE coordinates; cached per catalog version and settings."""
+    sample = data.latent_sample(Path(db), experiments, n_points, seed)
+    if sample.empty:
+        return sample
+    xy = data.embed_tsne(
+        np.vstack(sample["latent"].to_numpy()).astype(np.float32), seed=seed, perplexity=perplexity
+    )
+    return sample.drop(columns="latent").assign(tsne_1=xy[:, 0], tsne_2=xy[:, 1])
+
+
+st.title("Design space: latent map")
+ui.caption_catalog()
+ui.require_table("al_samples")
+index = ui.query("campaign_index")
+experiments = sorted(index["experiment"].dropna().unique())
+default = [e for e in experiments if e != "kappa"] or experiments
+
+left, middle, right = st.columns([2, 1, 1])
+chosen = left.multiselect("Experiments", experiments, default=default, key="ds_experiments")
+n_points = middle.select_slider(
+    "Points (at most)", [200, 500, 1000, 2000, 3000, 5000], value=1000, key="ds_points"
+)
+perplexity = right.select_slider("Perplexity", [5, 10, 20, 30, 50], value=30, key="ds_perplexity")
+
+cfg = ui.settings()
+with st.spinner("Embedding the latent vectors with t-SNE (cached afterwards) ..."):
+    points = _embedding(
+        str(cfg.catalog),
+        data.catalog_version(cfg.catalog),
+        tuple(chosen),
+        int(n_points),
+        0,
+        float(perplexity),
+    )
+if points.empty:
+    st.info("No labelled latent vectors for this selection.")
+    st.stop()
+
+counts = points["sample"].value_counts()
+n_training = int(counts.get("training (round 0)", 0))
+n_active = int(counts.get("active learning", 0))
+st.markdown(f"**{n_training}** training samples (round 0) and **{n_active}** active-learning samples")
+figure = px.scatter(
+    points,
+    x="tsne_1",
+    y="tsne_2",
+    color="band_gap",
+    facet_col="sample",
+    category_orders={"sample": ["training (round 0)", "active learning"]},
+    color_continuous_scale="Viridis",
+    hover_data=["formula", "experiment", "repeat", "round"],
+    labels={"band_gap": "band gap (eV)", "tsne_1": "t-SNE 1", "tsne_2": "t-SNE 2"},
+    height=480,
+)
+figure.update_traces(marker={"size": 5, "opacity": 0.8})
+st.plotly_chart(figure, width="stretch", key="tsne")
+st.caption(
+    "Points with a band-gap label, drawn with a seeded hash: up to half from round 0 and half from the suggestion rounds. "
+    "One t-SNE embedding of both groups, so positions are comparable across the two panels."
+)
+st.dataframe(
+    points.groupby("sample")["band_gap"]
+    .describe()[["count", "mean", "50%", "max"]]
+    .rename(columns={"50%": "median"}),
+    width="stretch",
+    key="ds_summary",
+)

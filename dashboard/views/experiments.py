@@ -1,0 +1,67 @@
+"""Experiments: the paper's Table 1 (mean ± std over repeats) and bar charts BS vs AL vs random."""
+
+import plotly.express as px
+import streamlit as st
+
+from dashboard import data, ui
+
+st.title("Experiments: screening performance (Table 1)")
+ui.caption_catalog()
+ui.require_table("screening_metrics")
+
+experiments = ui.query("distinct_values", "screening_metrics", "experiment")
+models = ui.query("distinct_values", "screening_metrics", "model")
+windows = ui.query("distinct_values", "screening_metrics", "gap_window")
+labels = {metric: label for metric, (label, _) in data.TABLE1_METRICS.items()}
+
+left, middle, right = st.columns(3)
+chosen_experiments = left.multiselect("Experiments", experiments, default=experiments, key="exp_experiments")
+chosen_models = middle.multiselect("Models", models, default=models, key="exp_models")
+# the paper's headline window first; the others are one click away
+headline = [w for w in windows if w.lower() in ("gt6", ">6")] or windows
+chosen_windows = right.multiselect("Band-gap windows", windows, default=headline, key="exp_windows")
+chosen_metrics = st.multiselect(
+    "Metrics",
+    list(labels),
+    default=list(labels),
+    format_func=labels.get,
+    key="exp_metrics",
+)
+
+frame = ui.query("table1", tuple(chosen_experiments), tuple(chosen_models), tuple(chosen_windows))
+if frame.empty:
+    st.info("No Table-1 rows match the selection.")
+    st.stop()
+st.table(
+    data.table1_display(frame, chosen_metrics).set_index(["Experiment", "Model", "Training set", "Window"])
+)
+st.caption(
+    "Mean ± sample standard deviation over repeats; recovery = recovered / oracle hits, precision = recovered / model hits."
+)
+
+st.subheader("BS vs AL vs random")
+chart_metrics = st.multiselect(
+    "Charts",
+    list(labels),
+    default=[m for m in ("recovery", "r2_test") if m in labels],
+    format_func=labels.get,
+    key="exp_charts",
+)
+for metric in chart_metrics:
+    scale = 100 if data.TABLE1_METRICS[metric][1] == "percent" else 1
+    plot = frame.assign(mean=frame[f"{metric}_mean"] * scale, std=frame[f"{metric}_std"].fillna(0) * scale)
+    figure = px.bar(
+        plot,
+        x="experiment",
+        y="mean",
+        error_y="std",
+        color="training_set",
+        barmode="group",
+        facet_col="model" if plot["model"].nunique() > 1 else None,
+        facet_row="gap_window" if plot["gap_window"].nunique() > 1 else None,
+        category_orders={"training_set": data.TRAINING_SET_ORDER},
+        labels={"mean": labels[metric], "experiment": "", "training_set": "training set"},
+        title=labels[metric],
+        height=300 * max(1, plot["gap_window"].nunique()),
+    )
+    st.plotly_chart(figure, width="stretch", key=f"chart_{metric}")

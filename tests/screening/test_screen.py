@@ -1,0 +1,385 @@
+"""A small real screening run: real data, a real (tiny) forest oracle, tiny forest and Roost screeners."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from agd.chem.formula import formula_key
+from agd.chem.magpie import MagpieFeaturizer
+from agd.config import ForestConfig, RoostConfig, ScreeningConfig
+from agd.models.forest import ForestModel, train_forest
+from agd.models.oracle import load_oracle
+from agd.screening import screen as screen_module
+from agd.screening.metrics import window_mask
+from agd.screening.screen import Group, ScreeningError, _Screener, read_training_sets, run_screening_stage
+from agd.tracking.catalog import PROVENANCE_COLUMNS, TABLES
+from tests.conftest import read_shared_csv
+
+TINY = ScreeningConfig(
+    models=["forest", "roost"],
+    chunk_size=700,
+    groups_per_pass=3,
+    forest=ForestConfig(n_estimators=10, max_features=0.3, min_samples_leaf=2, n_jobs=1),
+    roost=RoostConfig(
+        ensemble_size=1,
+        epochs=2,
+        batch_size=64,
+        learning_rate=2e-3,
+        loss="l1",
+        elem_fea_len=16,
+        n_graph=1,
+        elem_heads=1,
+        cry_heads=1,
+        hidden=16,
+        trunk_hidden=[32],
+        out_hidden=[16],
+        patience=None,
+        num_threads=1,
+    ),  # fmt: skip
+)
+N_CANDIDATES = 2500
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_data, tmp_path_factory) -> dict[str, Path]:
+    """Prepared data, training sets (the paper's Exp2 BS/AL plus sampled ones), candidates and an oracle."""
+    folder = tmp_path_factory.mktemp("screen-inputs")
+    rng = np.random.default_rng(7)
+    exp1 = read_shared_csv(shared_data / "mp_gap_agd_exp1.csv")
+    prepared = exp1.iloc[rng.choice(len(exp1), 3000, replace=False)][["reduced_formula", "band_gap"]].copy()
+    prepared["split"] = rng.choice(["train", "val", "test"], len(prepared), p=[0.6, 0.2, 0.2])
+    prepared = prepared.reset_index(drop=True)
+    prepared.to_parquet(folder / "prepared.parquet")
+
+    paper = shared_data / "agd_paper"
+    bs = read_shared_csv(paper / "Exp2_BS_1k.csv").head(200)
+    al_extra = read_shared_csv(paper / "Exp2_AL_1741.csv").iloc[1000:1150]
+    frames = []
+
+    def add(experiment, repeat, tset, formulas, gaps, origin):
+        frames.append(
+            pd.DataFrame(
+                {
+                    "experiment": experiment,
+                    "repeat": repeat,
+                    "training_set": tset,
+                    "reduced_formula": [formula_key(f) for f in formulas],
+                    "band_gap": list(gaps),
+                    "origin": origin,
+                }
+            )  # fmt: skip
+        )
+
+    add("Exp2", 0, "BS", bs["composition"], bs["Eg"], "data")
+    add("Exp2", 0, "AL", pd.concat([bs["composition"], al_extra["composition"]]),
+        pd.concat([bs["Eg"], al_extra["Eg"]]), ["data"] * len(bs) + ["oracle"] * len(al_extra))  # fmt: skip
+    pool = prepared[prepared["split"] != "test"].reset_index(drop=True)
+    add("Exp1", 0, "ALL", pool["reduced_formula"].head(600), pool["band_gap"].head(600), "data")
+    for repeat in (0, 1):
+        rows = pool.iloc[rng.choice(len(pool), 200, replace=False)]
+        add("Exp3", repeat, "BS", rows["reduced_formula"].head(120), rows["band_gap"].head(120), "data")
+        add("Exp3", repeat, "random", rows["reduced_formula"], rows["band_gap"], "data")
+    training = pd.concat(frames, ignore_index=True)
+    # two bad rows, which must be reported and skipped without losing the rest of their group
+    bad = training.iloc[[0, 1]].copy()
+    bad["reduced_formula"] = ["Qq2O3", "NaCl"]
+    bad["band_gap"] = [1.0, np.nan]
+    training = pd.concat([training, bad], ignore_index=True)
+    training.to_parquet(folder / "training_sets.parquet")
+
+    mp = read_shared_csv(shared_data / "mp_gap_by_composition.csv")
+    cands = mp.iloc[rng.choice(len(mp), N_CANDIDATES, replace=False)][["formula", "reduced_formula"]]
+    cands = cands.reset_index(drop=True)
+    cands["valid"] = np.arange(len(cands)) % 5 != 0
+    cands["novel"] = True
+    cands.to_parquet(folder / "candidates.parquet")
+
+    oracle = train_forest(prepared["reduced_formula"].tolist(), prepared["band_gap"], TINY.forest, seed=1)
+    oracle.save(folder / "oracle" / "forest.joblib")
+    return {
+        "training_sets": folder / "training_sets.parquet",
+        "prepared": folder / "prepared.parquet",
+        "candidates": folder / "candidates.parquet",
+        "oracle": folder / "oracle",
+    }
+
+
+def _run(inputs, out: Path, cfg: ScreeningConfig = TINY) -> dict:
+    return run_screening_stage(
+        inputs["training_sets"],
+        inputs["candidates"],
+        inputs["prepared"],
+        inputs["oracle"],
+        out,
+        cfg,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def first(inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("screen-out")
+    _run(inputs, out)
+    return out
+
+
+def _outputs(out: Path) -> dict[str, object]:
+    return {
+        "metrics": pd.read_parquet(out / "metrics.parquet"),
+        "hits": pd.read_parquet(out / "hits.parquet"),
+        "report": (out / "table1.md").read_text(),
+        "summary": json.loads((out / "summary.json").read_text()),
+    }
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    pd.testing.assert_frame_equal(a["metrics"], b["metrics"])
+    pd.testing.assert_frame_equal(a["hits"], b["hits"])
+    assert a["report"] == b["report"]
+    assert a["summary"] == b["summary"]
+
+
+def test_tables_match_the_catalog_schema(first):
+    out = _outputs(first)
+    for name, table in (("screening_metrics", out["metrics"]), ("screening", out["hits"])):
+        expected = [c.name for c in TABLES[name] if c.name not in PROVENANCE_COLUMNS]
+        assert list(table.columns) == expected, name
+    metrics = out["metrics"]
+    # 7 training sets (Exp1 ALL, Exp2 BS/AL, Exp3 BS/random x 2 repeats) x 2 models x 2 windows
+    assert len(metrics) == 7 * 2 * 2
+    assert set(metrics["gap_window"]) == {"gt6", "2-4"}
+    assert metrics.groupby(["experiment", "repeat", "training_set", "model"]).size().eq(2).all()
+    exp2_bs = metrics[(metrics.experiment == "Exp2") & (metrics.training_set == "BS")]
+    assert (exp2_bs["n_train"] == 160).all()  # 200 usable rows, 40 held out
+    assert metrics["r2_test"].notna().all() and metrics["mae_holdout"].gt(0).all()
+    forest_all = metrics[(metrics.training_set == "ALL") & (metrics.model == "forest")]
+    assert (forest_all["r2_test"] > 0.2).all()  # a forest on 480 real rows predicts something
+
+
+def test_bad_training_rows_are_reported_not_fatal(first, inputs):
+    rejected = pd.read_csv(first / "rejected_rows.csv", keep_default_na=False)
+    assert len(rejected) == 2
+    reasons = " ".join(rejected["reason"])
+    assert "Qq2O3" in reasons and "band_gap" in reasons
+    n_rows = len(pd.read_parquet(inputs["training_sets"]))
+    assert set(rejected["row"]) == {n_rows - 2, n_rows - 1}
+    good, bad = read_training_sets(inputs["training_sets"])
+    assert len(good) == n_rows - 2 and len(bad) == 2
+    with pytest.raises(ScreeningError, match="missing column"):
+        read_training_sets(pd.DataFrame({"experiment": ["Exp2"], "reduced_formula": ["NaCl"]}))
+
+
+def test_counts_agree_with_a_direct_computation(first, inputs):
+    out = _outputs(first)
+    metrics, hits = out["metrics"], out["hits"]
+    cands = pd.read_parquet(inputs["candidates"])
+    screened = cands[cands["valid"]].reset_index(drop=True)
+    oracle_gap = load_oracle(inputs["oracle"]).label(screened["formula"].tolist()).gaps
+    oracle_of = dict(zip(screened["formula"], oracle_gap, strict=True))
+    windows = TINY.windows
+    n_oracle = {name: int(window_mask(oracle_gap, w).sum()) for name, w in windows.items()}
+    assert n_oracle["2-4"] > 50  # the check below means something
+    assert out["summary"]["oracle"]["screened"] == len(screened)
+    assert out["summary"]["oracle"]["hits"] == n_oracle
+    assert set(hits["formula"]) <= set(screened["formula"])  # invalid candidates are never screened
+
+    for key, rows in metrics.groupby(["experiment", "repeat", "training_set", "model", "gap_window"]):
+        *_, window = key
+        mine = hits.set_index(["experiment", "repeat", "training_set", "model", "gap_window"]).sort_index()
+        group_hits = mine.loc[key] if key in mine.index else mine.iloc[:0]
+        row = rows.iloc[0]
+        assert row["n_oracle"] == n_oracle[window]
+        assert row["n_candidates"] == len(group_hits)
+        assert window_mask(group_hits["predicted_gap"].to_numpy(), windows[window]).all()
+        np.testing.assert_allclose(group_hits["oracle_gap"], [oracle_of[f] for f in group_hits["formula"]])
+        recovered = int(window_mask(group_hits["oracle_gap"].to_numpy(), windows[window]).sum())
+        assert row["n_recovered"] == recovered
+        if row["n_oracle"]:
+            assert row["recovery"] == pytest.approx(recovered / row["n_oracle"])
+
+    # retrain one forest independently (same split rule and seed) and predict every screened candidate
+    group = Group("Exp3", 1, "random", "forest")
+    training, _ = read_training_sets(inputs["training_sets"])
+    rows = training[
+        (training.experiment == "Exp3") & (training.repeat == 1) & (training.training_set == "random")
+    ]
+    seed = group.seed(TINY.seed)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    train = order[round(TINY.holdout_fraction * len(rows)) :]
+    model: ForestModel = train_forest(
+        rows["reduced_formula"].iloc[train].tolist(), rows["band_gap"].iloc[train], TINY.forest, seed
+    )
+    features = MagpieFeaturizer().featurize_formulas(screened["formula"].tolist()).features
+    predicted = model.forest.predict(features)
+    for window_name, window in windows.items():
+        expected = set(screened["formula"][window_mask(predicted, window)])
+        got = hits[(hits.experiment == "Exp3") & (hits.repeat == 1) & (hits.training_set == "random")
+                   & (hits.model == "forest") & (hits.gap_window == window_name)]  # fmt: skip
+        assert set(got["formula"]) == expected, window_name
+        np.testing.assert_allclose(
+            got["predicted_gap"], predicted[screened.index[screened["formula"].isin(got["formula"])]]
+        )
+
+
+def test_rerun_is_idempotent_and_reuses_every_group(first, inputs, tmp_path, monkeypatch):
+    before = _outputs(first)
+    copy = tmp_path / "out"
+    shutil.copytree(first, copy)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored group was trained again")
+
+    monkeypatch.setattr(screen_module, "_train_screener", no_training)
+    _run(inputs, copy)
+    _assert_same(before, _outputs(copy))
+    assert (copy / "hits.parquet").read_bytes() == (first / "hits.parquet").read_bytes()
+
+
+def test_resume_after_losing_a_group_and_an_oracle_part(first, inputs, tmp_path, monkeypatch):
+    before = _outputs(first)
+    copy = tmp_path / "out"
+    shutil.copytree(first, copy)
+    lost = Group("Exp3", 0, "BS", "roost")
+    (copy / "state" / "groups" / f"{lost.name}.json").unlink()
+    (oracle_folder,) = (copy / "state" / "oracle").iterdir()
+    parts = sorted(oracle_folder.glob("part-*.parquet"))
+    assert len(parts) == 3  # 2000 valid candidates in chunks of 700
+    (oracle_folder / "complete.json").unlink()
+    parts[-1].unlink()
+
+    trained = []
+    real = screen_module._train_screener
+    monkeypatch.setattr(
+        screen_module, "_train_screener", lambda kind, *a, **k: trained.append(kind) or real(kind, *a, **k)
+    )
+    _run(inputs, copy)
+    assert trained == ["roost"]
+    _assert_same(before, _outputs(copy))
+
+
+def test_same_seed_same_results_in_a_fresh_folder(first, inputs, tmp_path):
+    _run(inputs, tmp_path / "fresh")
+    _assert_same(_outputs(first), _outputs(tmp_path / "fresh"))
+
+
+def test_changed_settings_retrain_only_what_they_touch(first, inputs, tmp_path, monkeypatch):
+    copy = tmp_path / "out"
+    shutil.copytree(first, copy)
+    trained = []
+    real = screen_module._train_screener
+    monkeypatch.setattr(
+        screen_module, "_train_screener", lambda kind, *a, **k: trained.append(kind) or real(kind, *a, **k)
+    )
+    forest_only = TINY.model_copy(update={"models": ["forest"], "hit_windows": ["gt6"]})
+    _run(inputs, copy, forest_only)
+    assert trained == ["forest"] * 7  # hit windows are part of a group's fingerprint
+    metrics = pd.read_parquet(copy / "metrics.parquet")
+    hits = pd.read_parquet(copy / "hits.parquet")
+    assert set(metrics["model"]) == {"forest"} and set(hits["gap_window"]) <= {"gt6"}
+    assert not list((copy / "state" / "groups").glob("*roost*"))  # groups no longer planned are pruned
+
+
+def test_outputs_load_into_the_catalog(first, tmp_path):
+    from agd.tracking.catalog import CatalogReader, load_table
+
+    db = tmp_path / "catalog.duckdb"
+    n_hits = load_table(db, "screening", first / "hits.parquet")
+    n_metrics = load_table(db, "screening_metrics", first / "metrics.parquet")
+    with CatalogReader(db) as reader:
+        counts = reader.tables()
+        top = reader.query(
+            "SELECT model, count(*) AS n FROM screening WHERE gap_window = '2-4' GROUP BY model ORDER BY model"
+        )
+    assert counts["screening"] == n_hits == len(pd.read_parquet(first / "hits.parquet"))
+    assert counts["screening_metrics"] == n_metrics == 28
+    assert list(top["model"]) == ["forest", "roost"]
+
+
+def _params_file(folder: Path) -> Path:
+    import yaml
+
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump({"screening": TINY.model_dump()}, sort_keys=False))
+    return path
+
+
+def test_cli_help_and_missing_training_sets(tmp_path, capsys):
+    from agd.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["screen", "--help"])
+    assert info.value.code == 0
+    assert "--training-sets" in capsys.readouterr().out
+    missing = tmp_path / "nowhere" / "training_sets.parquet"
+    code = main(
+        ["--params", str(_params_file(tmp_path)), "screen", "--training-sets", str(missing), "--no-mlflow"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(missing) in err and "agd experiments" in err
+
+
+def test_cli_run_writes_metrics_report_and_an_mlflow_run(first, inputs, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from agd.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the MLflow artifact folder goes beside the params file
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "out"
+    shutil.copytree(first, out)  # every group is stored: the CLI run only assembles and logs
+    args = [
+        "--params", str(_params_file(tmp_path)), "screen",
+        "--training-sets", str(inputs["training_sets"]), "--candidates", str(inputs["candidates"]),
+        "--prepared", str(inputs["prepared"]), "--oracle", str(inputs["oracle"]), "--out-dir", str(out),
+        "--metrics", str(tmp_path / "metrics" / "screening.json"), "--report", str(tmp_path / "reports" / "table1.md"),
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert "Table 1 ->" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics" / "screening.json").read_text())
+    assert set(metrics["table1"]) == {"Exp1", "Exp2", "Exp3"}
+    assert metrics["table1"]["Exp3"]["random"]["forest"]["gt6"]["n_repeats"] == 2
+    assert (tmp_path / "reports" / "table1.md").read_text() == (first / "table1.md").read_text()
+
+    client = mlflow.MlflowClient(uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name.endswith("-screening")]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert "table1.Exp2.AL.roost.gt6.recovery_mean" in run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "Exp3.random.forest.2-4.n_candidates")
+    assert sorted(m.step for m in history) == [0, 1]  # one point per repeat
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["table1.md"]
+
+
+def test_unknown_elements_are_predicted_or_left_out_by_config():
+    model = train_forest(["NaCl", "KCl", "NaBr", "KBr", "KI"], [5.0, 6.0, 4.0, 5.0, 4.5], TINY.forest)
+    formulas = ["NaCl", "LiF", "KBr", "Xx2"]  # LiF: elements the model never saw; Xx2: not a formula
+    open_ = _Screener("forest", model, model.elements, TINY).predict_formulas(formulas)
+    assert np.isfinite(open_).tolist() == [True, True, True, False]
+    strict = TINY.model_copy(update={"predict_unknown_elements": False})
+    closed = _Screener("forest", model, model.elements, strict).predict_formulas(formulas)
+    assert np.isfinite(closed).tolist() == [True, False, True, False]
+    np.testing.assert_allclose(closed[[0, 2]], open_[[0, 2]])
+
+
+def test_model_limits_keep_a_slow_model_to_some_repeats_and_sets():
+    from agd.config import ScreeningConfig
+    from agd.screening.screen import plan_groups
+
+    rows = [("Exp1", 0, "ALL")] + [
+        (e, r, t) for e in ("Exp2", "Exp3") for r in range(3) for t in ("BS", "AL", "random")
+    ]
+    training = pd.DataFrame(rows, columns=["experiment", "repeat", "training_set"])
+    cfg = ScreeningConfig(limits={"roost": {"repeats": 1, "training_sets": ["BS", "AL", "random"]}})
+    groups = plan_groups(training, cfg)
+    roost = [g for g in groups if g.model == "roost"]
+    assert len([g for g in groups if g.model == "forest"]) == 19
+    assert len(roost) == 6 and all(g.repeat == 0 and g.training_set != "ALL" for g in roost)
