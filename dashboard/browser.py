@@ -167,9 +167,18 @@ def _cmd_screenshot(args: argparse.Namespace) -> int:
 def _cmd_loadtime(args: argparse.Namespace) -> int:
     from dashboard.synthetic import synthetic_tables, write_synthetic_catalog
 
-    folder = Path(args.workdir or tempfile.mkdtemp(prefix="agd-loadtime-"))
-    db = folder / "agd.duckdb"
-    if not db.is_file():
+    if args.catalog:  # an existing catalog, e.g. the full pipeline's
+        db = Path(args.catalog).resolve()
+        if not db.is_file():
+            print(
+                f"{db}: no catalog; build it with `dvc repro pipelines/dvc.yaml` or `agd catalog`",
+                file=sys.stderr,
+            )
+            return 2
+    else:
+        folder = Path(args.workdir or tempfile.mkdtemp(prefix="agd-loadtime-"))
+        db = folder / "agd.duckdb"
+    if not args.catalog and not db.is_file():
         start = time.perf_counter()
         # ~50k suggestions: 11 campaigns x repeats x (initial + rounds x batch)
         tables = synthetic_tables(
@@ -206,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--al-samples", type=int, default=50_000)
     load.add_argument("--repeats", type=int, default=2)
     load.add_argument("--workdir", default=None, help="keep (and reuse) the synthetic catalog here")
+    load.add_argument("--catalog", default=None, help="time this catalog instead of a synthetic one")
     load.add_argument("--screenshot", default=None, help="also save a screenshot of the Experiments page")
     load.set_defaults(func=_cmd_loadtime)
     args = parser.parse_args(argv)
