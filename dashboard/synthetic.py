@@ -115,13 +115,14 @@ def synthetic_tables(
     )
     candidates.loc[: len(ROCKSALT) - 1, "valid"] = True
 
-    # active learning: the four experiments, the random control and the kappa sweep
-    campaigns = [(exp, 2.0, "bo") for exp in EXPERIMENTS] + [("random", 0.0, "random")]
+    # active learning as `agd experiments` names it: <exp>-bo and the random control <exp>-random per
+    # experiment (Exp1 has no campaign), and the kappa sweep as experiment 'kappa', campaigns kappa-<k>
+    campaigns = [(exp, 2.0, method) for exp in EXPERIMENTS if exp != "Exp1" for method in ("bo", "random")]
     campaigns += [("kappa", kappa, "bo") for kappa in KAPPAS]
     rows = []
     fates = np.array(["registered", "duplicate", "undecodable", "invalid"])
     for experiment, kappa, method in campaigns:
-        campaign = f"{experiment}-k{kappa:g}" if experiment == "kappa" else experiment
+        campaign = f"kappa-{kappa:g}" if experiment == "kappa" else f"{experiment}-{method}"
         lift = 0.0 if method == "random" else 0.02 * (1 + np.log1p(kappa))
         for repeat in range(n_repeats):
             for round_ in range(n_rounds + 1):

@@ -73,8 +73,8 @@ st.dataframe(
 st.subheader("Valid-decode rate per round")
 all_rounds = ui.query("round_summary", tuple(experiments))
 suggested = all_rounds[all_rounds["round"] >= 1]
-valid_rate = (
-    suggested.groupby(["experiment", "round"], as_index=False)[["n_valid", "n_suggested"]]
+valid_rate = (  # per campaign: an experiment's Bayesian and random campaigns differ
+    suggested.groupby(["campaign", "round"], as_index=False)[["n_valid", "n_suggested"]]
     .sum()
     .assign(valid_rate=lambda f: f["n_valid"] / f["n_suggested"])
 )
@@ -83,7 +83,7 @@ st.plotly_chart(
         valid_rate,
         x="round",
         y="valid_rate",
-        color="experiment",
+        color="campaign",
         markers=True,
         labels={"valid_rate": "valid formulas / suggestions"},
         height=320,
@@ -91,7 +91,7 @@ st.plotly_chart(
     width="stretch",
     key="valid_rate_chart",
 )
-overall = suggested.groupby("experiment")[["n_valid", "n_suggested"]].sum()
+overall = suggested.groupby("campaign")[["n_valid", "n_suggested"]].sum()
 st.table(
     pd.DataFrame(
         {

@@ -124,11 +124,12 @@ def test_campaigns_rounds_sweep_and_valid_rate(app_env, fixture_tables):
     at.switch_page("views/campaigns.py").run()
     _no_failure(at)
     assert at.selectbox(key="camp_experiment").value == "Exp2"
+    assert at.selectbox(key="camp_campaign").value == "Exp2-bo"
     at.selectbox(key="camp_repeat").set_value(1).run()
     _no_failure(at)
 
     shown = at.dataframe[0].value.set_index("round")
-    expected = _expected_rounds(al, "Exp2", 1)
+    expected = _expected_rounds(al, "Exp2-bo", 1)
     assert list(shown.index) == list(expected.index) == [0, 1, 2, 3, 4]
     np.testing.assert_array_equal(shown.n_suggested, expected.n_suggested)
     np.testing.assert_array_equal(shown.n_valid, expected.n_valid)
@@ -136,17 +137,18 @@ def test_campaigns_rounds_sweep_and_valid_rate(app_env, fixture_tables):
     np.testing.assert_allclose(shown.best_so_far, expected.best_so_far)
     # Fig. 5a: the scatter holds every labelled sample of the repeat, the line is best so far
     figure = _chart(at, 0)
-    labelled = al[(al.campaign == "Exp2") & (al.repeat == 1) & al.label.notna()]
+    labelled = al[(al.campaign == "Exp2-bo") & (al.repeat == 1) & al.label.notna()]
     assert len(_values(figure["data"][0]["y"])) == len(labelled)
     np.testing.assert_allclose(_values(figure["data"][1]["y"]), expected.best_so_far)
 
-    # valid rate per experiment over the suggestion rounds
+    # valid rate per campaign over the suggestion rounds (an experiment's bo and random campaigns apart)
     rates = at.table[0].value
     suggested = al[al["round"] >= 1]
-    for experiment, rows in suggested.groupby("experiment"):
-        assert rates.loc[experiment, "suggestions"] == len(rows)
-        assert rates.loc[experiment, "valid formulas"] == int((rows.valid == True).sum())  # noqa: E712
-        assert rates.loc[experiment, "valid rate"] == f"{(rows.valid == True).mean():.1%}"  # noqa: E712
+    assert {"Exp2-bo", "Exp2-random"} <= set(rates.index)
+    for campaign, rows in suggested.groupby("campaign"):
+        assert rates.loc[campaign, "suggestions"] == len(rows)
+        assert rates.loc[campaign, "valid formulas"] == int((rows.valid == True).sum())  # noqa: E712
+        assert rates.loc[campaign, "valid rate"] == f"{(rows.valid == True).mean():.1%}"  # noqa: E712
 
     # the kappa sweep table, at the default 6 eV and at a selected threshold
     assert at.selectbox(key="sweep_experiment").value == "kappa"
