@@ -99,16 +99,19 @@ def _write_metrics(path: str | None, metrics: dict) -> None:
     tmp.replace(target)
 
 
-def _tracked(stage: str, params, logged: dict, run_name: str, no_mlflow: bool, body) -> dict:
-    """Run ``body(on_epoch)`` inside an MLflow run (per-epoch metrics with step=epoch) and log its result."""
-    if no_mlflow:
-        return body(None)
-    from agd.tracking.mlflow import log_metrics, stage_run
+def _tracked(stage: str, params, logged: dict, run_name: str, args: argparse.Namespace, body) -> dict:
+    """Run ``body(on_epoch)`` in an MLflow run (per-epoch metrics at step=epoch; none with ``--no-mlflow``),
+    log its result and write it to the ``--metrics`` file."""
+    if args.no_mlflow:
+        metrics = body(None)
+    else:
+        from agd.tracking.mlflow import log_metrics, stage_run
 
-    with stage_run(stage, params.tracking, logged, run_name=run_name) as run:
-        metrics = body(lambda epoch, values: log_metrics(values, step=epoch))
-        log_metrics(metrics)
-        print(f"MLflow run {run.info.run_id}")
+        with stage_run(stage, params.tracking, logged, run_name=run_name) as run:
+            metrics = body(lambda epoch, values: log_metrics(values, step=epoch))
+            log_metrics(metrics)
+            print(f"MLflow run {run.info.run_id}")
+    _write_metrics(args.metrics, metrics)
     return metrics
 
 
@@ -124,15 +127,14 @@ def _cmd_train_oracle(args: argparse.Namespace) -> int:
     prepared = Path(args.prepared)
     _require(prepared, "prepared dataset", "agd data prepare")
     logged = {"oracle": params.oracle.model_dump()}
-    metrics = _tracked(
+    _tracked(
         "oracle",
         params,
         logged,
         "train-oracle",
-        args.no_mlflow,
+        args,
         lambda on_epoch: run_oracle_stage(prepared, Path(args.out), params.oracle, on_epoch=on_epoch),
     )
-    _write_metrics(args.metrics, metrics)
     print(f"oracle -> {args.out}; metrics -> {args.metrics}")
     return 0
 
@@ -144,17 +146,16 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
     prepared = Path(args.prepared)
     _require(prepared, "prepared dataset", "agd data prepare")
     logged = {"autoencoder": params.autoencoder.model_dump(), "encoding": params.encoding.model_dump()}
-    metrics = _tracked(
+    _tracked(
         "autoencoder",
         params,
         logged,
         "train-autoencoder",
-        args.no_mlflow,
+        args,
         lambda on_epoch: run_autoencoder_stage(
             prepared, Path(args.out), params.encoding, params.autoencoder, on_epoch=on_epoch
         ),
     )
-    _write_metrics(args.metrics, metrics)
     print(f"autoencoder -> {args.out}; metrics -> {args.metrics}")
     return 0
 
@@ -164,15 +165,14 @@ def _cmd_train_gan(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     logged = {"gan": params.gan.model_dump(), "validity": params.validity.model_dump()}
-    metrics = _tracked(
+    _tracked(
         "gan",
         params,
         logged,
         "train-gan",
-        args.no_mlflow,
+        args,
         lambda on_epoch: train_gan_to_dir(params.gan, Path(args.out), params.validity, on_epoch=on_epoch),
     )
-    _write_metrics(args.metrics, metrics)
     print(f"generator -> {args.out}; metrics -> {args.metrics}")
     return 0
 
@@ -188,15 +188,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"n_samples": args.n_samples})
     run_id = args.run_id or f"gan-seed{cfg.seed}-n{cfg.n_samples}"
     logged = {"generate": cfg.model_dump(), "validity": params.validity.model_dump(), "run_id": run_id}
-    metrics = _tracked(
+    _tracked(
         "generate",
         params,
         logged,
         "generate",
-        args.no_mlflow,
+        args,
         lambda _on_epoch: generate_candidates(gan_dir, Path(args.out), cfg, params.validity, None, run_id),
     )
-    _write_metrics(args.metrics, metrics)
     print(f"candidates -> {args.out}; metrics -> {args.metrics}")
     return 0
 
@@ -237,8 +236,7 @@ def _cmd_screen(args: argparse.Namespace) -> int:
             mlflow.log_metric("seconds", time.perf_counter() - start)
         return summary
 
-    metrics = _tracked("screening", params, logged, "screen", args.no_mlflow, body)
-    _write_metrics(args.metrics, metrics)
+    metrics = _tracked("screening", params, logged, "screen", args, body)
     print(
         f"screening -> {out_dir} ({metrics['hits']:,} hits); Table 1 -> {report}; metrics -> {args.metrics}"
     )
@@ -336,12 +334,11 @@ def _cmd_structures(args: argparse.Namespace) -> int:
             params,
             logged,
             "structures",
-            args.no_mlflow,
+            args,
             lambda _on_epoch: run_structures_stage(source, Path(args.out), Path(args.cif_dir), cfg),
         )
     except ValueError as exc:  # an unreadable formula list or a window the list does not have
         raise UserError(str(exc)) from None
-    _write_metrics(args.metrics, metrics)
     print(
         f"{metrics['n_ok']:,} of {metrics['n_candidates']:,} candidates have a template structure "
         f"({metrics['status']}) -> {args.out}"
@@ -364,12 +361,11 @@ def _cmd_energy(args: argparse.Namespace) -> int:
         params,
         logged,
         "energy",
-        args.no_mlflow,
+        args,
         lambda _on_epoch: run_energy_stage(
             structures, Path(args.out), cfg, Path(args.work_dir), params.structures.template_sources
         ),
     )
-    _write_metrics(args.metrics, metrics)
     print(
         f"{metrics['n_relaxed']:,} relaxed ({metrics['n_converged']:,} converged, {metrics['n_resumed']:,} resumed), "
         f"{metrics['n_kept']:,} kept with formation energy < {cfg.formation_energy_max:g} eV/atom -> {args.out}"
@@ -393,12 +389,11 @@ def _cmd_export_vasp(args: argparse.Namespace) -> int:
             params,
             logged,
             "export-vasp",
-            args.no_mlflow,
+            args,
             lambda _on_epoch: run_vasp_stage(energies, Path(args.out), cfg),
         )
     except FileExistsError as exc:
         raise UserError(str(exc)) from None
-    _write_metrics(args.metrics, metrics)
     print(f"{metrics['n_folders']:,} VASP folders ({metrics['n_failed']} failed) -> {args.out}/manifest.csv")
     return 0
 
@@ -451,8 +446,7 @@ def _cmd_import_dft(args: argparse.Namespace) -> int:
             "n_oracle_labels": len(labels),
         }
 
-    metrics = _tracked("dft", params, {"dir": str(root)}, "import-dft", args.no_mlflow, body)
-    _write_metrics(args.metrics, metrics)
+    metrics = _tracked("dft", params, {"dir": str(root)}, "import-dft", args, body)
     print(f"{metrics['n_runs']:,} runs {metrics['status']} -> {args.out}")
     return 0
 
