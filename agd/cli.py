@@ -481,7 +481,7 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
         _require(Path(path), f"{table} table", "dvc repro pipelines/dvc.yaml")
         extra.append(Load(table, Path(path)))
     try:
-        build_catalog(db, dataset, dataset_name=args.name, extra=extra)
+        build_catalog(db, dataset, dataset_name=args.name, extra=extra, design_map=params.catalog.design_map)
     except CatalogError as exc:
         raise UserError(str(exc)) from None
     with CatalogReader(db) as reader:

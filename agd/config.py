@@ -104,8 +104,17 @@ class TrackingConfig(_Section):
     experiment_prefix: str = "agd"
 
 
+class DesignMapConfig(_Section):
+    """The design-space map the catalog stage embeds for the dashboard's default view."""
+
+    n_points: int = Field(1000, ge=2, description="at most this many points, half of them round 0")
+    perplexity: float = Field(30.0, gt=0)
+    seed: int = 0
+
+
 class CatalogConfig(_Section):
     path: str = "agd.duckdb"
+    design_map: DesignMapConfig | None = DesignMapConfig()  # null: no precomputed map
 
 
 class RoostConfig(_Section):

@@ -165,6 +165,7 @@ def _cmd_screenshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_loadtime(args: argparse.Namespace) -> int:
+    from agd.config import DesignMapConfig
     from dashboard.synthetic import synthetic_tables, write_synthetic_catalog
 
     if args.catalog:  # an existing catalog, e.g. the full pipeline's
@@ -191,7 +192,7 @@ def _cmd_loadtime(args: argparse.Namespace) -> int:
             latent_dim=128,
             seed=0,
         )
-        counts = write_synthetic_catalog(db, folder / "parquet", tables)
+        counts = write_synthetic_catalog(db, folder / "parquet", tables, design_map=DesignMapConfig())
         print(f"built {db} in {time.perf_counter() - start:.1f} s: {counts}")
     times = measure_load_times(db, repeats=args.repeats)
     for path, seconds in times.items():

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
-import numpy as np
 import pandas as pd
 import yaml
 
 from agd.config import ConfigError, find_project_root, load_params
 from agd.tracking.catalog import TABLES, CatalogError, CatalogMissingError, CatalogReader
+from agd.tracking.design_map import latent_sample_query, selection_key
 
 #: Commands that produce each table (then ``agd catalog`` loads it); shown when a table is empty.
 PRODUCERS = {
@@ -34,6 +34,7 @@ PRODUCERS = {
     "screening_metrics": "agd screen",
     "structures": "agd structures / agd energy / agd export-vasp",
     "dft_results": "agd import-dft DIR",
+    "design_map": "agd catalog (t-SNE of al_samples; params catalog.design_map)",
 }
 BUILD_COMMAND = "dvc repro pipelines/dvc.yaml"
 
@@ -421,33 +422,31 @@ def run_url(ui: str, experiment_id: str, run_id: str) -> str:
 # Design space
 def latent_sample(db: Path, experiments: Sequence[str], n_points: int, seed: int = 0) -> pd.DataFrame:
     """Up to ``n_points`` labelled latent vectors, half round 0 (training) and half suggestions, chosen by a seeded hash."""
-    condition, params = _in("experiment", experiments)
-    half = max(1, int(n_points) // 2)
+    sql, params = latent_sample_query(experiments, n_points, seed)
+    return _query(db, sql, params)
+
+
+def design_map_settings(db: Path) -> tuple[int, float] | None:
+    """(n_points, perplexity) of the map the catalog stage embedded, if there is one."""
     frame = _query(
-        db,
-        "SELECT experiment, campaign, repeat, round, formula, label AS band_gap, latent, "
-        "       CASE WHEN round = 0 THEN 'training (round 0)' ELSE 'active learning' END AS sample "
-        f"FROM al_samples WHERE {condition} AND latent IS NOT NULL AND label IS NOT NULL "
-        "QUALIFY row_number() OVER (PARTITION BY round = 0 ORDER BY hash(campaign, repeat, round, idx, ?)) <= ? "
-        "ORDER BY campaign, repeat, round, idx",
-        [*params, int(seed), half],
+        db, "SELECT n_points, perplexity FROM design_map GROUP BY ALL ORDER BY count(*) DESC LIMIT 1"
     )
-    return frame
+    if frame.empty:
+        return None
+    return int(frame["n_points"].iloc[0]), float(frame["perplexity"].iloc[0])
 
 
-def embed_tsne(latents: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
-    """2-D t-SNE of the latent vectors (perplexity capped for small samples)."""
-    from sklearn.manifold import TSNE
-
-    n = len(latents)
-    if n < 3:
-        return np.zeros((n, 2))
-    perplexity = min(float(perplexity), (n - 1) / 3)
-    # 500 iterations (250 of them early exaggeration) settle a map of a few thousand points and halve
-    # the default's time, which matters on the first, uncached view
-    return TSNE(
-        n_components=2, perplexity=perplexity, init="pca", max_iter=500, random_state=seed
-    ).fit_transform(latents)
+def stored_design_map(
+    db: Path, experiments: Sequence[str], n_points: int, perplexity: float, seed: int = 0
+) -> pd.DataFrame:
+    """The embedded map of exactly this selection and these settings (empty when the catalog has none)."""
+    return _query(
+        db,
+        "SELECT experiment, campaign, repeat, round, idx, formula, band_gap, sample, tsne_1, tsne_2 "
+        "FROM design_map WHERE experiments = ? AND n_points = ? AND perplexity = ? AND seed = ? "
+        "ORDER BY campaign, repeat, round, idx",
+        [selection_key(experiments), int(n_points), float(perplexity), int(seed)],
+    )
 
 
 # ---------------------------------------------------------------------------------------------

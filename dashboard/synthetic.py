@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agd.config import DesignMapConfig
 from agd.tracking.catalog import Load, build_catalog
 
 CATIONS = ["Li", "Na", "K", "Rb", "Cs", "Be", "Mg", "Ca", "Sr", "Ba", "Al", "Ga", "In", "Sc", "Y", "Zn", "B"]
@@ -265,8 +266,12 @@ def write_synthetic_catalog(
     db_path: str | os.PathLike[str],
     parquet_dir: str | os.PathLike[str],
     tables: dict[str, pd.DataFrame] | None = None,
+    design_map: DesignMapConfig | None = None,
 ) -> dict[str, int]:
-    """Write the tables as parquet files and load them with ``build_catalog``; returns rows per table."""
+    """Write the tables as parquet files and load them with ``build_catalog``; returns rows per table.
+
+    ``design_map`` embeds the t-SNE map as the pipeline's catalog stage does (``params.catalog.design_map``).
+    """
     tables = tables if tables is not None else synthetic_tables()
     folder = Path(parquet_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -275,4 +280,4 @@ def write_synthetic_catalog(
         paths[name] = folder / f"{name}.parquet"
         frame.to_parquet(paths[name], index=False)
     extra = [Load(name, path) for name, path in paths.items() if name != "datasets"]
-    return build_catalog(db_path, paths["datasets"], "synthetic", extra=extra)
+    return build_catalog(db_path, paths["datasets"], "synthetic", extra=extra, design_map=design_map)

@@ -28,6 +28,8 @@ import duckdb
 import pandas as pd
 import pyarrow.dataset as pa_dataset
 
+from agd.config import DesignMapConfig
+
 log = logging.getLogger(__name__)
 
 BUILD_HINT = "build it with `agd catalog` (or `dvc repro pipelines/dvc.yaml`)"
@@ -147,6 +149,26 @@ CREATE TABLE IF NOT EXISTS structures (
 );
 
 -- Imported DFT (VASP) results.
+-- The design-space map of the default selection (the paper's Fig. 8), embedded once by `agd catalog`.
+CREATE TABLE IF NOT EXISTS design_map (
+    experiments VARCHAR NOT NULL,             -- the selection, comma-separated and sorted
+    n_points INTEGER NOT NULL,                -- at most this many points (half round 0, half suggestions)
+    perplexity DOUBLE NOT NULL,
+    seed INTEGER NOT NULL,
+    experiment VARCHAR,
+    campaign VARCHAR NOT NULL,
+    repeat INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    formula VARCHAR,
+    band_gap DOUBLE,
+    sample VARCHAR NOT NULL,                  -- 'training (round 0)' or 'active learning'
+    tsne_1 DOUBLE NOT NULL,
+    tsne_2 DOUBLE NOT NULL,
+    source_file VARCHAR NOT NULL,
+    loaded_at TIMESTAMP NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS dft_results (
     formula VARCHAR NOT NULL,
     path VARCHAR NOT NULL,                    -- VASP run folder the result was read from
@@ -416,19 +438,34 @@ def _row_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return counts
 
 
+def _load_design_map(con: duckdb.DuckDBPyConnection, cfg: DesignMapConfig) -> None:
+    """Embed the default selection of ``al_samples`` into ``design_map`` (nothing when there are no latents)."""
+    from agd.tracking.design_map import compute_design_map
+
+    frame = compute_design_map(con, cfg.n_points, cfg.perplexity, cfg.seed)
+    if frame.empty:
+        return
+    label = f"t-SNE of al_samples ({cfg.n_points} points, perplexity {cfg.perplexity:g}, seed {cfg.seed})"
+    _load(con, "design_map", frame, key=None, source_file=label, ignore_unknown=False)
+    log.info("design map: %d points embedded", len(frame))
+
+
 def build_catalog(
     db_path: str | os.PathLike[str],
     dataset_parquet: str | os.PathLike[str],
     dataset_name: str,
     *,
     extra: Sequence[Load] = (),
+    design_map: DesignMapConfig | None = None,
 ) -> dict[str, int]:
     """Build the catalog afresh from the prepared dataset (and ``extra`` loads); returns rows per table.
 
     The prepared dataset goes into ``datasets`` keyed by ``dataset_name``. Unlike ``load_table``, this
     builder ignores (and logs) source columns the schema does not know, since stage outputs may carry
     working columns. The database is written to a temporary file in one transaction and renamed over
-    ``db_path`` only when complete, so a crash leaves the previous catalog untouched.
+    ``db_path`` only when complete, so a crash leaves the previous catalog untouched. With
+    ``design_map``, the t-SNE map of the loaded ``al_samples`` (see ``agd.tracking.design_map``) is
+    embedded into the ``design_map`` table, so the dashboard need not compute it on a first visit.
     """
     db_path = Path(db_path)
     loads = [Load("datasets", dataset_parquet, key={"dataset": dataset_name}), *extra]
@@ -447,6 +484,8 @@ def build_catalog(
                     source_file=load.source_file,
                     ignore_unknown=True,
                 )
+            if design_map is not None:
+                _load_design_map(con, design_map)
             con.commit()
             counts = _row_counts(con)
         # a WAL left by a crashed writer of the old file would be replayed onto the new one

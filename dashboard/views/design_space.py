@@ -2,26 +2,26 @@
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from agd.tracking.design_map import embed_sample
 from dashboard import data, ui
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _embedding(
-    db: str, version: int, experiments: tuple, n_points: int, seed: int, perplexity: float
+    db: str, version: int, experiments: tuple, n_points: int, seed: int, perplexity: float, stored: bool
 ) -> pd.DataFrame:
-    """The sampled points with their t-SNE coordinates; cached per catalog version and settings."""
-    sample = data.latent_sample(Path(db), experiments, n_points, seed)
-    if sample.empty:
-        return sample
-    xy = data.embed_tsne(
-        np.vstack(sample["latent"].to_numpy()).astype(np.float32), seed=seed, perplexity=perplexity
+    """The sampled points with their t-SNE coordinates: the catalog's embedded map if it has this one."""
+    if stored:
+        points = data.stored_design_map(Path(db), experiments, n_points, perplexity, seed)
+        if not points.empty:
+            return points
+    return embed_sample(
+        data.latent_sample(Path(db), experiments, n_points, seed), seed=seed, perplexity=perplexity
     )
-    return sample.drop(columns="latent").assign(tsne_1=xy[:, 0], tsne_2=xy[:, 1])
 
 
 st.title("Design space: latent map")
@@ -33,13 +33,18 @@ default = [e for e in experiments if e != "kappa"] or experiments
 
 left, middle, right = st.columns([2, 1, 1])
 chosen = left.multiselect("Experiments", experiments, default=default, key="ds_experiments")
-n_points = middle.select_slider(
-    "Points (at most)", [200, 500, 1000, 2000, 3000, 5000], value=1000, key="ds_points"
+# the catalog stage embeds one map (params catalog.design_map): start from its settings, drawn at once
+has_map = bool(ui.catalog_status().counts.get("design_map"))  # catalogs built before it have no such table
+stored_points, stored_perplexity = (has_map and ui.query("design_map_settings")) or (1000, 30.0)
+point_choices = sorted({200, 500, 1000, 2000, 3000, 5000, stored_points})
+perplexity_choices = sorted({5.0, 10.0, 20.0, 30.0, 50.0, stored_perplexity})
+n_points = middle.select_slider("Points (at most)", point_choices, value=stored_points, key="ds_points")
+perplexity = right.select_slider(
+    "Perplexity", perplexity_choices, value=stored_perplexity, format_func="{:g}".format, key="ds_perplexity"
 )
-perplexity = right.select_slider("Perplexity", [5, 10, 20, 30, 50], value=30, key="ds_perplexity")
 
 cfg = ui.settings()
-with st.spinner("Embedding the latent vectors with t-SNE (cached afterwards) ..."):
+with st.spinner("Embedding the latent vectors with t-SNE (stored by the catalog stage for its settings) ..."):
     points = _embedding(
         str(cfg.catalog),
         data.catalog_version(cfg.catalog),
@@ -47,6 +52,7 @@ with st.spinner("Embedding the latent vectors with t-SNE (cached afterwards) ...
         int(n_points),
         0,
         float(perplexity),
+        has_map,
     )
 if points.empty:
     st.info("No labelled latent vectors for this selection.")

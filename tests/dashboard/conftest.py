@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from agd.config import DesignMapConfig
 from dashboard.synthetic import synthetic_tables, write_synthetic_catalog
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
@@ -22,11 +23,19 @@ def fixture_tables() -> dict[str, pd.DataFrame]:
 def fixture_catalog(
     tmp_path_factory: pytest.TempPathFactory, fixture_tables: dict[str, pd.DataFrame]
 ) -> Path:
-    """A DuckDB catalog built by build_catalog from parquet files of the fixture tables."""
+    """A DuckDB catalog built by build_catalog from parquet files of the fixture tables.
+
+    Like the pipeline's catalog stage it embeds the design-space map, here of the dashboard's default
+    settings (1,000 points, perplexity 30), so the page's first view reads it and other settings embed live.
+    """
     folder = tmp_path_factory.mktemp("catalog")
     db = folder / "agd.duckdb"
-    counts = write_synthetic_catalog(db, folder / "parquet", fixture_tables)
+    counts = write_synthetic_catalog(
+        db, folder / "parquet", fixture_tables, design_map=DesignMapConfig(n_points=1000, perplexity=30)
+    )
+    n_map = counts.pop("design_map")
     assert counts == {name: len(frame) for name, frame in fixture_tables.items()}
+    assert n_map > 0
     return db
 
 

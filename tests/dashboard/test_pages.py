@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agd.tracking.catalog import TABLES, build_catalog
+from agd.tracking.catalog import TABLES, CatalogReader, build_catalog
 from tests.dashboard.conftest import make_app
 
 pytestmark = pytest.mark.timeout(300)
@@ -197,8 +197,16 @@ def test_campaigns_link_mlflow_runs(app_env, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-def test_design_space_counts_and_embedding(app_env, fixture_tables):
+def test_design_space_counts_and_embedding(app_env, fixture_tables, monkeypatch):
     al = fixture_tables["al_samples"]
+    from agd.tracking import design_map
+
+    # the first view must be the map the catalog stage embedded: computing one now would fail
+    def no_live_embedding(*args, **kwargs):
+        raise AssertionError("the default view embedded live instead of reading the catalog's design_map")
+
+    live_embedding = design_map.embed_tsne
+    monkeypatch.setattr(design_map, "embed_tsne", no_live_embedding)
     at = make_app().run()
     at.switch_page("views/design_space.py").run()
     _no_failure(at)
@@ -218,8 +226,13 @@ def test_design_space_counts_and_embedding(app_env, fixture_tables):
     # colour is the band gap of each point: the colour values are labels of the fixture
     colours = np.concatenate([_values(trace["marker"]["color"]) for trace in figure["data"]])
     assert set(np.round(colours, 3)) <= set(np.round(labelled.label, 3))
+    with CatalogReader(app_env) as reader:
+        stored = reader.query("SELECT tsne_1 FROM design_map")
+    shown = np.concatenate([_values(trace["x"]) for trace in figure["data"]])
+    assert np.allclose(np.sort(shown), np.sort(stored["tsne_1"].to_numpy()))
 
-    # fewer points: the cap applies per group
+    # other settings are embedded live; the cap applies per group
+    monkeypatch.setattr(design_map, "embed_tsne", live_embedding)
     at.select_slider(key="ds_points").set_value(200).run()
     _no_failure(at)
     assert "**100** training samples (round 0) and **100** active-learning samples" in " ".join(
@@ -328,7 +341,9 @@ def test_run_status_counts_and_dvc(app_env, fixture_tables, tmp_path, monkeypatc
     at.switch_page("views/run_status.py").run()
     assert not at.exception
     counts = at.table[0].value
-    assert counts["rows"].to_dict() == {name: len(frame) for name, frame in fixture_tables.items()}
+    shown = counts["rows"].to_dict()
+    assert shown.pop("design_map") > 0  # embedded by the catalog build, not a fixture table
+    assert shown == {name: len(frame) for name, frame in fixture_tables.items()}
     stages = at.dataframe[0].value
     assert stages["stage"].tolist() == ["double"]
     assert stages["state"].tolist() == ["changed"]  # never run: its output is missing

@@ -58,6 +58,7 @@ def test_schema_defines_all_tables_with_provenance():
         "screening_metrics",
         "structures",
         "dft_results",
+        "design_map",
     }
     for columns in TABLES.values():
         names = [column.name for column in columns]
@@ -245,3 +246,32 @@ def test_build_catalog_is_fresh_atomic_and_ignores_extra_columns(tmp_path):
         build_catalog(db, parquet, "demo")
     assert counts(db) == result
     assert sorted(path.name for path in db.parent.iterdir()) == ["agd.duckdb"]
+
+
+def test_design_map_is_the_live_embedding_of_the_same_sample(tmp_path):
+    """The catalog's stored t-SNE map holds the points (and coordinates) the dashboard would embed live."""
+    from agd.config import DesignMapConfig
+    from agd.tracking.design_map import embed_sample, latent_sample_query, selection_key
+    from dashboard.synthetic import synthetic_tables, write_synthetic_catalog
+
+    tables = synthetic_tables(seed=3)
+    db = tmp_path / "agd.duckdb"
+    cfg = DesignMapConfig(n_points=120, perplexity=10, seed=4)
+    counts = write_synthetic_catalog(db, tmp_path / "parquet", tables, design_map=cfg)
+    experiments = sorted(set(tables["al_samples"]["experiment"]) - {"kappa"})
+    assert counts["design_map"] == 120  # 60 from round 0, 60 suggestions
+    with CatalogReader(db) as reader:
+        stored = reader.query("SELECT * FROM design_map ORDER BY campaign, repeat, round, idx")
+        sql, params = latent_sample_query(experiments, cfg.n_points, cfg.seed)
+        live = embed_sample(reader.query(sql, params), seed=cfg.seed, perplexity=cfg.perplexity)
+    assert set(stored["experiments"]) == {selection_key(experiments)}
+    assert set(stored["sample"]) == {"training (round 0)", "active learning"}
+    assert not set(stored["experiment"]) & {"kappa"}
+    assert stored["formula"].tolist() == live["formula"].tolist()
+    assert np.allclose(
+        stored[["tsne_1", "tsne_2"]].to_numpy(), live[["tsne_1", "tsne_2"]].to_numpy(), atol=1e-4
+    )
+
+    # without a design_map setting the table stays empty
+    counts = write_synthetic_catalog(tmp_path / "plain.duckdb", tmp_path / "parquet2", tables)
+    assert counts["design_map"] == 0
