@@ -11,7 +11,7 @@ from dashboard import data, ui
 
 @st.cache_data(show_spinner=False, ttl=60)
 def _dvc_status(dvc_file: str, mtime: int) -> data.DvcStatus:
-    return data.dvc_status(Path(dvc_file), timeout=60)
+    return data.dvc_status(Path(dvc_file))
 
 
 cfg = ui.settings()
