@@ -115,6 +115,30 @@ def _tracked(stage: str, params, logged: dict, run_name: str, args: argparse.Nam
     return metrics
 
 
+def _executor(args: argparse.Namespace):
+    """The --executor/--address choice as an executor (None: the stage's own local path, no Ray import)."""
+    kind, address = getattr(args, "executor", "local"), getattr(args, "address", None)
+    if kind == "local" and address is None:
+        return None
+    from agd.executors import ExecutorError, make_executor
+
+    try:
+        return make_executor(kind, address=address)
+    except ExecutorError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _add_executor_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--executor", choices=["local", "ray"], default="local",
+        help=f"where {what} run: this machine (default) or as Ray tasks",
+    )  # fmt: skip
+    p.add_argument(
+        "--address", default=None,
+        help="Ray cluster to join (HOST:PORT from `ray start --head`, or 'auto'); default: RAY_ADDRESS, else a local Ray",
+    )  # fmt: skip
+
+
 def _require(path: Path, what: str, command: str) -> None:
     if not path.exists():
         raise UserError(f"{path}: no {what}; run `{command}` (or `dvc repro pipelines/dvc.yaml`) first")
@@ -222,13 +246,18 @@ def _cmd_screen(args: argparse.Namespace) -> int:
 
     def body(on_step):
         start = time.perf_counter()
+        executor = _executor(args)
         try:
             # on_step(repeat, values): per-group metrics, step = repeat
             summary = run_screening_stage(
-                training, candidates, prepared, oracle, out_dir, cfg, report=report, on_group=on_step
-            )
+                training, candidates, prepared, oracle, out_dir, cfg, report=report, on_group=on_step,
+                executor=executor,
+            )  # fmt: skip
         except ScreeningError as exc:
             raise UserError(str(exc)) from None
+        finally:
+            if executor is not None:
+                executor.close()
         if on_step is not None:  # an MLflow run is active
             import mlflow
 
@@ -240,6 +269,44 @@ def _cmd_screen(args: argparse.Namespace) -> int:
     print(
         f"screening -> {out_dir} ({metrics['hits']:,} hits); Table 1 -> {report}; metrics -> {args.metrics}"
     )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming screen of a candidate file with a trained model
+def _cmd_screen_candidates(args: argparse.Namespace) -> int:
+    from agd.screening.stream import StreamError, load_screening_model, stream_screen
+
+    params = load_params(args.params)
+    candidates = Path(args.candidates)
+    _require(candidates, "candidate table", "agd generate")
+    known = params.screening.windows
+    unknown = [name for name in args.window if name not in known]
+    if unknown:
+        raise UserError(
+            f"--window {', '.join(unknown)}: not in screening.windows of the params file ({', '.join(known)})"
+        )
+    windows = {name: known[name] for name in (args.window or known)}
+    if args.chunk_size < 1:
+        raise UserError(f"--chunk-size must be positive, got {args.chunk_size}")
+    try:
+        model = load_screening_model(args.model_dir, args.model, n_jobs=args.jobs)
+        result = stream_screen(
+            candidates, model, Path(args.out), windows, chunk_size=args.chunk_size,
+            valid_only=args.valid_only, novel_only=args.novel_only, formula_column=args.formula_column,
+        )  # fmt: skip
+    except StreamError as exc:
+        raise UserError(str(exc)) from None
+    _write_metrics(args.metrics, result.to_dict())
+    hits = ", ".join(f"{name} {result.windows[name]}: {n:,}" for name, n in result.counts.items())
+    print(
+        f"{result.n_selected:,} of {result.n_rows:,} rows screened with {result.model} in "
+        f"{result.timings['total']:.1f} s; hits {hits} -> {result.out}"
+    )
+    if result.n_rejected:
+        print(
+            f"{result.n_rejected:,} rows could not be screened (row, formula, reason): {result.rejected_path}"
+        )
     return 0
 
 
@@ -257,14 +324,18 @@ def _run_campaigns(args: argparse.Namespace, write: bool, only, repeats) -> dict
     _require(prepared, "prepared dataset", "agd data prepare")
     _require(autoencoder, "trained autoencoder", "agd train autoencoder")
     _require(oracle, "trained oracle", "agd train oracle")
+    executor = _executor(args)
     try:
         return run_experiments(
             prepared, autoencoder, oracle, Path(args.out), params,
             track=not args.no_mlflow, only=only, repeats=repeats, write=write,
-            restart_changed=args.restart_changed,
+            restart_changed=args.restart_changed, executor=executor,
         )  # fmt: skip
     except (CampaignStateError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    finally:
+        if executor is not None:
+            executor.close()
 
 
 def _print_campaigns(summary: dict) -> None:
@@ -491,6 +562,37 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# team mode
+def _cmd_tracking_server(args: argparse.Namespace) -> int:
+    from agd.config import find_project_root
+    from agd.tracking import server
+
+    backend, artifacts = server.default_paths(find_project_root())
+    backend = args.backend_store_uri or backend
+    artifacts = args.artifacts_destination or artifacts
+    try:
+        command = server.server_command(
+            args.host, args.port, backend, artifacts, args.workers, args.mlflow_args
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    env = server.server_env()
+    warning = server.exposure_warning(args.host, args.port)
+    if warning:
+        print(warning, file=sys.stderr)
+    if args.dry_run:
+        print(server.describe(command, env))
+        return 0
+    server.prepare_locations(backend, artifacts)
+    print(
+        f"MLflow server on http://{args.host}:{args.port} (runs: {backend}; artifacts: {artifacts}); "
+        f"clients: export MLFLOW_TRACKING_URI=http://127.0.0.1:{args.port}",
+        file=sys.stderr,
+    )
+    server.exec_server(command, env)
+
+
+# ---------------------------------------------------------------------------------------------
 def _stage_outputs(parser: argparse.ArgumentParser, out: str, metrics: str, prepared: bool = True) -> None:
     """The arguments every model stage shares: input table, output folder, metrics file, MLflow switch."""
     if prepared:
@@ -622,7 +724,53 @@ def build_parser() -> argparse.ArgumentParser:
     screen.add_argument("--metrics", default="metrics/screening.json", help="DVC metrics file ('' for none)")
     screen.add_argument("--report", default="reports/table1.md", help="markdown Table 1")
     screen.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    _add_executor_args(screen, "the candidate parts are screened")
     screen.set_defaults(func=_cmd_screen)
+
+    screen_candidates = sub.add_parser(
+        "screen-candidates",
+        help="screen a candidate parquet file with a trained model, in bounded memory",
+        description="Predict the band gap of every formula of a candidate table (e.g. `agd generate` output) "
+        "with a trained forest or Roost ensemble, chunk by chunk, and write the rows inside the band-gap windows "
+        "(screening.windows) to --out. Rows that cannot be screened go to <out stem>.rejected.csv with their row "
+        "number and reason. A killed run resumes; a rerun rewrites the same files. Not a pipeline stage.",
+    )
+    screen_candidates.add_argument("candidates", help="candidate table (parquet) with a formula column")
+    screen_candidates.add_argument(
+        "--model-dir", default="models/oracle", help="oracle folder, Roost ensemble folder or forest.joblib"
+    )
+    screen_candidates.add_argument(
+        "--model",
+        choices=["primary", "forest", "roost"],
+        default="primary",
+        help="which deployed model of an oracle folder (primary: the one oracle.json names)",
+    )
+    screen_candidates.add_argument("--out", required=True, help="hits table (parquet)")
+    screen_candidates.add_argument(
+        "--window",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a window of screening.windows (repeatable; default: all of them)",
+    )
+    screen_candidates.add_argument(
+        "--chunk-size", type=int, default=50_000, help="file rows featurised and predicted at a time"
+    )
+    screen_candidates.add_argument(
+        "--valid-only", action="store_true", help="only rows whose 'valid' is true"
+    )
+    screen_candidates.add_argument(
+        "--novel-only", action="store_true", help="only rows whose 'novel' is true"
+    )
+    screen_candidates.add_argument("--formula-column", default="formula", help="column holding the formulas")
+    screen_candidates.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="threads over the forest's trees (default: the forest's n_jobs)",
+    )
+    screen_candidates.add_argument("--metrics", default=None, help="write the run summary (JSON) here")
+    screen_candidates.set_defaults(func=_cmd_screen_candidates)
 
     structures = sub.add_parser(
         "structures",
@@ -700,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--out", default="data/experiments", help="experiments folder (state tables and outputs)"
         )
         p.add_argument("--jobs", type=int, default=None, help="campaigns at once (override experiments.jobs)")
+        _add_executor_args(p, "the campaigns")
         p.add_argument("--no-mlflow", action="store_true", help="do not log MLflow runs")
         p.add_argument(
             "--restart-changed",
@@ -763,6 +912,29 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. dft_results=data/dft/dft_results.parquet from `agd import-dft`)",
     )
     cat.set_defaults(func=_cmd_catalog)
+
+    ts = sub.add_parser(
+        "tracking-server",
+        help="run a shared MLflow tracking server (127.0.0.1 by default)",
+        description="Start `mlflow server` with a SQLite run store and a served artifact folder under "
+        "mlflow-server/ at the project root, bound to 127.0.0.1 (warns for any other address: the server has no "
+        "authentication; give colleagues an ssh tunnel). Clients point MLFLOW_TRACKING_URI at it. Arguments "
+        "after '--' go to `mlflow server` unchanged.",
+    )
+    ts.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ts.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    ts.add_argument(
+        "--backend-store-uri", default=None, help="run store (default sqlite:///<root>/mlflow-server/mlflow.db)"
+    )
+    ts.add_argument(
+        "--artifacts-destination",
+        default=None,
+        help="where served artifacts go: a folder or s3://... (default <root>/mlflow-server/artifacts)",
+    )
+    ts.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    ts.add_argument("--dry-run", action="store_true", help="print the mlflow server command and exit")
+    ts.add_argument("mlflow_args", nargs="*", help="extra `mlflow server` options, after '--'")
+    ts.set_defaults(func=_cmd_tracking_server)
     return parser
 
 

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -42,6 +42,7 @@ from agd.active.campaign import (
     round_metrics,
 )
 from agd.config import ExperimentsConfig, ExperimentSpec, Params
+from agd.executors import Executor, is_local
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,31 @@ def _worker_run(planned: PlannedCampaign, initial: pd.DataFrame, state_path: str
     return state_path
 
 
+def _ray_campaign(job: tuple[PlannedCampaign, pd.DataFrame, str, bytes | None], init_args: tuple) -> bytes:
+    """One campaign as a Ray task: load the models once per worker process, run, return the state file's bytes.
+
+    ``job`` carries the driver's saved state (or None): a worker that does not see the driver's
+    folder (no shared filesystem) starts from it instead of from nothing.
+    """
+    key = json.dumps(init_args, sort_keys=True, default=str)
+    if _WORKER.get("init") != key:  # a Ray worker process is reused across tasks
+        _worker_init(*init_args)
+        _WORKER["init"] = key
+    planned, initial, state_path, saved = job
+    path = Path(state_path)
+    if saved is not None and (not path.is_file() or path.read_bytes() != saved):
+        _write_bytes(path, saved)
+    _worker_run(planned, initial, state_path)
+    return path.read_bytes()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 class _Tracking:
     """Keeps each repeat's MLflow run in step with its state table (rounds logged once, in order)."""
 
@@ -237,11 +263,14 @@ def run_experiments(
     write: bool = True,
     restart_changed: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> dict:
     """Run (or resume) the planned campaigns; with ``write``, also samples, training sets, summary and plots.
 
     Without ``write`` (one campaign from ``agd campaign``) only the state tables are written and the
-    per-campaign summary is returned.
+    per-campaign summary is returned. ``executor``: None or local runs ``experiments.jobs`` campaigns
+    at once in processes; a Ray executor runs each campaign (setup x repeat, kappa values included)
+    as one Ray task instead, with the same seeds, so the state tables are the same.
     """
     cfg = params.experiments
     out = Path(out_dir)
@@ -273,7 +302,11 @@ def run_experiments(
             tracking.sync(campaign, table)
             tracking.finish_repeat(campaign.spec, table)
 
-    if cfg.jobs == 1:
+    if not is_local(executor):
+        _run_on(
+            executor, planned, campaigns, initials, (autoencoder_dir, oracle_dir, params), finished, progress
+        )
+    elif cfg.jobs == 1:
         bar = _bar(len(campaigns), progress)
         for campaign in campaigns:
             hook = (lambda _r, t, c=campaign: tracking.sync(c, t)) if tracking else None
@@ -315,6 +348,46 @@ def run_experiments(
     if not write:
         return summarise(ordered, cfg)
     return write_outputs(ordered, prepared, cfg, out)
+
+
+def _run_on(
+    executor: Executor,
+    planned: Sequence[PlannedCampaign],
+    campaigns: Sequence[Campaign],
+    initials: dict[tuple[str, int], pd.DataFrame],
+    models: tuple[str | os.PathLike, str | os.PathLike, Params],
+    finished: Callable[[Campaign, pd.DataFrame], None],
+    progress: bool,
+) -> None:
+    """Each campaign as one task of ``executor``; the driver keeps every state file and all MLflow logging.
+
+    Tasks write their state after every round at the driver's path (on a shared filesystem a killed
+    run resumes at the next round, as locally) and return the finished file, which the driver writes
+    where it differs, so the driver's folder ends up complete even when the workers do not share it.
+    """
+    autoencoder_dir, oracle_dir, params = models
+    for campaign in campaigns:
+        campaign.load_state()  # a table from other settings is an error before any work starts
+    # absolute paths: a Ray worker's working directory is not the driver's
+    init_args = (
+        str(Path(autoencoder_dir).resolve()),
+        str(Path(oracle_dir).resolve()),
+        params.model_dump(mode="json"),
+    )
+    jobs = []
+    for p, c in zip(planned, campaigns, strict=True):
+        path = c.state_path.resolve()
+        saved = path.read_bytes() if path.is_file() else None
+        jobs.append((p, initials[(p.setup.name, p.spec.repeat)], str(path), saved))
+
+    def landed(i: int, data: bytes) -> None:
+        campaign = campaigns[i]
+        path = campaign.state_path
+        if not path.is_file() or path.read_bytes() != data:
+            _write_bytes(path, data)
+        finished(campaign, campaign.load_state())
+
+    executor.map(_ray_campaign, jobs, init_args, on_result=landed, progress=progress, desc="campaigns")
 
 
 def _bar(total: int, enabled: bool):

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from agd.chem.formula import FormulaError, formula_key, parse_formula
 from agd.config import ScreeningConfig
+from agd.executors import Executor, is_local
 from agd.screening.metrics import (
     aggregate_table1,
     counts_metrics,
@@ -580,30 +581,82 @@ def _prepare_group(
 
 
 def _screen_pass(
-    prepared: list[_Prepared], screen: OracleScreen, cfg: ScreeningConfig, progress: bool, desc: str
+    prepared: list[_Prepared],
+    screen: OracleScreen,
+    cfg: ScreeningConfig,
+    progress: bool,
+    desc: str,
+    executor: Executor | None = None,
 ) -> None:
-    """Stream the cached candidates once; every model predicts every chunk; counts and hits accumulate."""
+    """Stream the cached candidates once; every model predicts every chunk; counts and hits accumulate.
+
+    With a Ray executor each cached part is one task (the pass's screeners go to the object store
+    once); the results are merged in part order, so counts and hit tables are those of the local loop.
+    """
+    for item in prepared:
+        item.n_candidates = dict.fromkeys(cfg.windows, 0)
+        item.n_recovered = dict.fromkeys(cfg.windows, 0)
+    screeners = [(item.group, item.screener) for item in prepared]
+    if is_local(executor):
+        for part in tqdm(screen.parts, desc=desc, unit="chunk", disable=not progress):
+            _merge_part(prepared, _screen_part(pq.read_table(part), screeners, cfg))
+        return
+    parts = [str(p.resolve()) for p in screen.parts]  # a Ray worker's working directory is not ours
+    results = executor.map(_screen_part_file, parts, screeners, cfg, progress=progress, desc=desc)
+    for result in results:
+        _merge_part(prepared, result)
+
+
+@dataclass
+class _PartResult:
+    """What one model found in one candidate part."""
+
+    n_candidates: dict[str, int]
+    n_recovered: dict[str, int]
+    n_unpredicted: int
+    hits: list[pa.Table]
+
+
+def _screen_part(
+    chunk: pa.Table, screeners: Sequence[tuple[Group, _Screener]], cfg: ScreeningConfig
+) -> list[_PartResult]:
+    """Every screener's window counts, unpredicted rows and hits on one oracle-labelled part."""
     windows = cfg.windows
     hit_windows = list(windows) if cfg.hit_windows is None else list(cfg.hit_windows)
-    for item in prepared:
-        item.n_candidates = dict.fromkeys(windows, 0)
-        item.n_recovered = dict.fromkeys(windows, 0)
-    for part in tqdm(screen.parts, desc=desc, unit="chunk", disable=not progress):
-        chunk = pq.read_table(part)
-        oracle_gap = chunk["oracle_gap"].to_numpy(zero_copy_only=False)
-        in_oracle = {name: window_mask(oracle_gap, window) for name, window in windows.items()}
-        inputs = _ChunkInputs(chunk["formula"].to_pylist(), cfg)
-        for item in prepared:
-            pred = item.screener.predict(inputs)
-            item.n_unpredicted += int(np.isnan(pred).sum())
-            for name, window in windows.items():
-                mask = window_mask(pred, window)
-                item.n_candidates[name] += int(mask.sum())
-                item.n_recovered[name] += int((mask & in_oracle[name]).sum())
-                if name in hit_windows and mask.any():
-                    idx = np.flatnonzero(mask)
-                    item.hits.append(_hit_table(item.group, name, chunk.take(pa.array(idx)), pred[idx]))
-        del inputs, chunk
+    oracle_gap = chunk["oracle_gap"].to_numpy(zero_copy_only=False)
+    in_oracle = {name: window_mask(oracle_gap, window) for name, window in windows.items()}
+    inputs = _ChunkInputs(chunk["formula"].to_pylist(), cfg)
+    results = []
+    for group, screener in screeners:
+        pred = screener.predict(inputs)
+        found = _PartResult(
+            dict.fromkeys(windows, 0), dict.fromkeys(windows, 0), int(np.isnan(pred).sum()), []
+        )
+        for name, window in windows.items():
+            mask = window_mask(pred, window)
+            found.n_candidates[name] = int(mask.sum())
+            found.n_recovered[name] = int((mask & in_oracle[name]).sum())
+            if name in hit_windows and mask.any():
+                idx = np.flatnonzero(mask)
+                found.hits.append(_hit_table(group, name, chunk.take(pa.array(idx)), pred[idx]))
+        results.append(found)
+    return results
+
+
+def _screen_part_file(
+    part: str, screeners: Sequence[tuple[Group, _Screener]], cfg: ScreeningConfig
+) -> list[_PartResult]:
+    """``_screen_part`` of a cached part file (what a Ray task runs)."""
+    return _screen_part(pq.read_table(part), screeners, cfg)
+
+
+def _merge_part(prepared: Sequence[_Prepared], results: Sequence[_PartResult]) -> None:
+    for item, found in zip(prepared, results, strict=True):
+        item.n_unpredicted += found.n_unpredicted
+        for name in item.n_candidates:
+            item.n_candidates[name] += found.n_candidates[name]
+            item.n_recovered[name] += found.n_recovered[name]
+        item.hits.extend(found.hits)
 
 
 def _hit_table(group: Group, window: str, rows: pa.Table, predicted: np.ndarray) -> pa.Table:
@@ -768,12 +821,14 @@ def run_screening_stage(
     progress: bool = True,
     report: str | os.PathLike | None = None,
     on_group: GroupCallback | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Train, score and screen every group (resumably); write the tables and Table 1; return the summary.
 
     ``report`` is where the markdown Table 1 goes (default ``out_dir/table1.md``). ``on_group(repeat,
     metrics)`` is called once per group, when it is found stored or has just finished, with keys like
-    ``Exp2.AL.forest.gt6.recovery`` (an MLflow hook: ``step=repeat``).
+    ``Exp2.AL.forest.gt6.recovery`` (an MLflow hook: ``step=repeat``). ``executor``: None or local
+    screens in this process; a Ray executor screens each cached candidate part as one task (same tables).
     """
     out = Path(out_dir)
     state = out / "state"
@@ -818,7 +873,9 @@ def run_screening_stage(
         for group in tqdm(batch, desc=f"training pass {p + 1}/{n_passes}", disable=not progress):
             rows = by_set[(group.experiment, group.repeat, group.training_set)]
             ready.append(_prepare_group(group, rows, test, fingerprints[group], cfg, progress))
-        _screen_pass(ready, screen, cfg, progress, desc=f"screening pass {p + 1}/{n_passes}")
+        _screen_pass(
+            ready, screen, cfg, progress, desc=f"screening pass {p + 1}/{n_passes}", executor=executor
+        )
         for item in ready:
             records[item.group] = _store_group(groups_state, item, n_oracle)
             _report_group(on_group, item.group, records[item.group])
