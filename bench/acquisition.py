@@ -21,12 +21,23 @@ from agd.active.acquisition import (
     Suggestions,
     fit_matern_gp,
 )
-from bench import BenchOptions, Section, Timing, markdown_table, measure
+from bench import (
+    BenchOptions,
+    Section,
+    Target,
+    Timing,
+    format_exponent,
+    growth_exponent,
+    markdown_table,
+    measure,
+)
 
 DIM = 128
 BATCH = 20
 DEFAULT_SIZES = [500, 1_000, 2_000]
-STOCK_POINTS = 2  # suggest() calls timed per size on the package's path
+QUICK_SIZES = [100, 200, 400]  # ``--quick``: a smoke run
+STOCK_POINTS = 2  # suggest() calls timed per size on the package's path (BenchOptions.stock_suggestions)
+TARGET_SIZE, TARGET_SECONDS = 2_000, 3.0  # the issue's target: one 20-point round at 2,000 points
 SEED = 0
 
 
@@ -57,9 +68,9 @@ def _stock_with_points(bounds: np.ndarray, x: np.ndarray, y: np.ndarray) -> Stoc
 
 
 def _one_size(
-    n: int, config: AcquisitionConfig, repeats: int
-) -> tuple[list[list[str]], list[str], list[str]]:
-    """Timing rows (ours, stock), the registering row and the quality row for n registered points."""
+    n: int, config: AcquisitionConfig, repeats: int, stock_points: int = STOCK_POINTS
+) -> tuple[list[list[str]], list[str], list[str], Timing, Timing]:
+    """Timing rows (ours, stock), the registering row, the quality row and both round timings for n points."""
     bounds, x, y = synthetic_campaign(n)
 
     # registering: a restore (everything at once) and one round's labels onto n - 20 points
@@ -92,7 +103,7 @@ def _one_size(
     ours_time = measure(lambda: rounds.append(ours.suggest(BATCH)), repeats)
     stock = _stock_with_points(bounds, x, y)
     walls, cpus, fits, searches, stock_x = [], [], [], [], []
-    for _ in range(STOCK_POINTS):
+    for _ in range(stock_points):
         wall, cpu = time.perf_counter(), time.process_time()
         out = stock.suggest(1)
         cpus.append(time.process_time() - cpu)
@@ -115,7 +126,7 @@ def _one_size(
         [
             f"{n:,}",
             "stock `suggest()` loop",
-            f"{STOCK_POINTS}, x {BATCH / STOCK_POINTS:g} for a round",
+            f"{stock_points}, x {BATCH / stock_points:g} for a round",
             f"{stock_time.wall:.1f}",
             f"{stock_time.cpu:.1f}",
             f"{statistics.median(fits) * BATCH:.1f}",
@@ -134,7 +145,7 @@ def _one_size(
     picks, stock_picks = rounds[-1].x, np.array(stock_x)
     ours_ucb, stock_ucb = ucb(picks), ucb(stock_picks)
     closest = np.linalg.norm(picks[:, None] - picks[None], axis=2) + np.diag(np.full(BATCH, np.inf))
-    stock_gap = np.linalg.norm(stock_picks[0] - stock_picks[-1])
+    stock_gap = np.linalg.norm(stock_picks[0] - stock_picks[-1]) if len(stock_picks) > 1 else float("nan")
     quality_row = [
         f"{n:,}",
         f"{gp.length_scale:.3f}",
@@ -142,19 +153,24 @@ def _one_size(
         f"{ours_ucb.mean():.3f} (min {ours_ucb.min():.3f})",
         f"{closest.min():.2f}",
         f"{stock_ucb.max():.3f}",
-        f"{stock_gap:.2g}",
+        f"{stock_gap:.2g}" if stock_gap == stock_gap else "n/a (one suggestion timed)",
     ]
-    return timing_rows, register_row, quality_row
+    return timing_rows, register_row, quality_row, ours_time, stock_time
 
 
 def run(options: BenchOptions) -> Section:
     """Time one 20-point round and one round's registering on both paths at each size."""
-    sizes = options.sizes or DEFAULT_SIZES
+    sizes = options.sizes or (QUICK_SIZES if options.quick else DEFAULT_SIZES)
     repeats = options.repeats
+    stock_points = options.stock_suggestions or (1 if options.quick else STOCK_POINTS)
     config = AcquisitionConfig()
     rows, register_rows, quality_rows = [], [], []
+    ours_rounds: dict[int, Timing] = {}
+    stock_rounds: dict[int, Timing] = {}
     for n in sizes:
-        timing_rows, register_row, quality_row = _one_size(n, config, repeats)
+        timing_rows, register_row, quality_row, ours_rounds[n], stock_rounds[n] = _one_size(
+            n, config, repeats, stock_points
+        )
         rows += timing_rows
         register_rows.append(register_row)
         quality_rows.append(quality_row)
@@ -191,23 +207,29 @@ def run(options: BenchOptions) -> Section:
             "ours: mean UCB of 20",
             "ours: closest pair",
             "stock: UCB",
-            "stock: distance between its 2 suggestions",
+            f"stock: distance between its {stock_points} suggestions",
         ],
         quality_rows,
     )
+    ours_growth = format_exponent(growth_exponent(list(sizes), [ours_rounds[n].cpu for n in sizes]))
+    stock_growth = format_exponent(growth_exponent(list(sizes), [stock_rounds[n].cpu for n in sizes]))
     body = f"""
 One acquisition round = `suggest({BATCH})` with n points registered in a {DIM}-d box (synthetic
 latents and targets, `bench/acquisition.py`), UCB with kappa {config.kappa}, both paths with one
 BLAS thread. BatchOptimizer: medians of {repeats} rounds (one GP fit, {config.n_random:,} uniform +
 {config.n_local:,} local candidates, L-BFGS-B polish of {config.n_refine} spread-out starts, greedy
 kriging-believer batch). The package's path (`BayesianOptimization.suggest()` per point: GP fit with
-5 restarts, 10,000 random points, L-BFGS-B from the best 10) was timed on {STOCK_POINTS} suggestions
+5 restarts, 10,000 random points, L-BFGS-B from the best 10) was timed on {stock_points} suggestion(s)
 per size; its round figures are the median per suggestion x {BATCH}, an extrapolation (the package
 does not refit between suggestions that register nothing, so every suggestion costs the same).
 GP fit and acquisition columns are wall seconds. The machine is shared with other jobs (see the load
 average): wall time is inflated, CPU time much less so, and the CPU ratio is the fairer speed-up.
 
 {timing}
+
+How CPU time per round grows with n (log-log slope over n = {", ".join(f"{n:,}" for n in sizes)}; 1 is
+linear, an exact GP fit is cubic at large n): BatchOptimizer {ours_growth}, stock `suggest()` loop
+{stock_growth}.
 
 Registering: rebuilding the optimiser from a campaign's table (`from_points`, all n at once), and
 adding one round's {BATCH} labels to n - {BATCH} registered points, in bulk on our side and through
@@ -231,4 +253,31 @@ round are the same point again, while ours are spread out (closest pair distance
             "scikit-learn",
             "scipy",
         ],
+        _targets(ours_rounds, stock_rounds),
     )
+
+
+def _targets(ours: dict[int, Timing], stock: dict[int, Timing]) -> list[Target]:
+    """The round-time target (judged only when 2,000 points were measured) and the speed-up."""
+    if TARGET_SIZE in ours:
+        measured = f"{ours[TARGET_SIZE].wall:.2f} s wall ({ours[TARGET_SIZE].cpu:.2f} s CPU)"
+        met: bool | None = ours[TARGET_SIZE].wall <= TARGET_SECONDS
+    else:
+        largest = max(ours)
+        measured = f"{ours[largest].wall:.2f} s wall at {largest:,} points (2,000 not measured)"
+        met = None
+    ratios = [stock[n].cpu / ours[n].cpu for n in ours]
+    return [
+        Target(
+            f"acquisition: one 20-point round at {TARGET_SIZE:,} points",
+            f"<= {TARGET_SECONDS:g} s",
+            measured,
+            met,
+        ),
+        Target(
+            "acquisition: CPU time of the stock `suggest()` loop over ours, per round",
+            "(none set)",
+            f"{min(ratios):.0f}x to {max(ratios):.0f}x",
+            None,
+        ),
+    ]

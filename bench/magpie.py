@@ -22,11 +22,26 @@ import pandas as pd
 from agd.chem import formula as formula_module
 from agd.chem.formula import counts_to_formula, parse_formula, reduce_counts
 from agd.chem.magpie import MagpieFeaturizer
-from bench import SHARED_DATA, BenchOptions, Section, Timing, markdown_table, measure
+from bench import (
+    SHARED_DATA,
+    BenchOptions,
+    Section,
+    Skipped,
+    Target,
+    Timing,
+    format_exponent,
+    growth_exponent,
+    markdown_table,
+    measure,
+)
 
 DEFAULT_SIZES = [1_000, 10_000, 100_000]
 MATMINER_SUBSET = 2_000
 STREAM_SIZE = 1_000_000
+#: ``--quick``: a smoke run of a few seconds
+QUICK_SIZES = [1_000, 3_000, 10_000]
+QUICK_MATMINER_SUBSET = 200
+QUICK_STREAM_SIZE = 20_000
 CHUNK_SIZE = 100_000
 SEED = 0
 
@@ -45,7 +60,7 @@ def load_formulas() -> list[str]:
     """The distinct formula strings of the shared MP band-gap table."""
     path = SHARED_DATA / "mp_gap_by_composition.csv"
     if not path.is_file():
-        raise SystemExit(f"benchmark data {path} is absent (../shared/data beside the clone)")
+        raise Skipped(f"benchmark data {path} is absent (../shared/data beside the clone)")
     table = pd.read_csv(path, keep_default_na=False)  # the formula "NaN" is sodium nitride
     return list(dict.fromkeys(table["formula"]))
 
@@ -85,8 +100,10 @@ def _consume(featurizer: MagpieFeaturizer, stream: Iterator[str]) -> int:
     return good
 
 
-def _stream_figures(featurizer: MagpieFeaturizer, make_stream: Callable[[], Iterator[str]]) -> list[str]:
-    """Wall time (no tracing) and tracemalloc peak (second pass) of streaming STREAM_SIZE formulas."""
+def _stream_figures(
+    featurizer: MagpieFeaturizer, make_stream: Callable[[], Iterator[str]], stream_size: int
+) -> list[str]:
+    """Wall time (no tracing) and tracemalloc peak (second pass) of streaming ``stream_size`` formulas."""
     generate = measure(lambda: sum(1 for _ in make_stream()), 1)
     _clear_parse_cache()
     start, cpu = time.perf_counter(), time.process_time()
@@ -102,7 +119,7 @@ def _stream_figures(featurizer: MagpieFeaturizer, make_stream: Callable[[], Iter
         f"{good:,}",
         f"{wall:.1f}",
         f"{cpu:.1f} ({generate.cpu:.1f} of it generating the input)",
-        f"{cpu / STREAM_SIZE * 1e6:.2f}",
+        f"{cpu / stream_size * 1e6:.2f}",
         f"{peak / mib:.0f}",
         f"{retained / mib:.0f}",
         f"{_parse_cache_entries():,}",
@@ -115,7 +132,9 @@ def run(options: BenchOptions) -> Section:
     from pymatgen.core import Composition
 
     warnings.simplefilter("ignore")  # pymatgen warns on missing electronegativities (noble gases)
-    sizes = options.sizes or DEFAULT_SIZES
+    sizes = options.sizes or (QUICK_SIZES if options.quick else DEFAULT_SIZES)
+    subset_size = QUICK_MATMINER_SUBSET if options.quick else MATMINER_SUBSET
+    stream_size = QUICK_STREAM_SIZE if options.quick else STREAM_SIZE
     repeats = options.repeats
     formulas = load_formulas()
     rng = np.random.default_rng(SEED)
@@ -124,7 +143,7 @@ def run(options: BenchOptions) -> Section:
     # matminer on a subset, from strings and from pre-built Compositions
     reference = ElementProperty.from_preset("magpie")
     reference.set_n_jobs(1)
-    subset = [formulas[i] for i in rng.integers(0, len(formulas), MATMINER_SUBSET)]
+    subset = [formulas[i] for i in rng.integers(0, len(formulas), subset_size)]
     compositions = [Composition(f) for f in subset]
     mm_strings = measure(lambda: [reference.featurize(Composition(f)) for f in subset], repeats)
     mm_compositions = measure(lambda: [reference.featurize(c) for c in compositions], repeats)
@@ -133,19 +152,20 @@ def run(options: BenchOptions) -> Section:
         cells = [label, f"{n:,}", f"{timing.wall:.4f}", f"{timing.cpu:.4f}", f"{timing.cpu / n * 1e6:.2f}"]
         if versus is None:
             return [*cells, "", ""]
-        matminer_us = versus.cpu / MATMINER_SUBSET * 1e6
-        return [*cells, f"{matminer_us:.0f}", f"{versus.cpu / MATMINER_SUBSET / (timing.cpu / n):.0f}x"]
+        matminer_us = versus.cpu / subset_size * 1e6
+        return [*cells, f"{matminer_us:.0f}", f"{versus.cpu / subset_size / (timing.cpu / n):.0f}x"]
 
     rows = [
-        row("matminer, formula strings", MATMINER_SUBSET, mm_strings),
-        row("matminer, pre-built Compositions", MATMINER_SUBSET, mm_compositions),
+        row("matminer, formula strings", subset_size, mm_strings),
+        row("matminer, pre-built Compositions", subset_size, mm_compositions),
         row(
             "agd, pre-built Compositions",
-            MATMINER_SUBSET,
+            subset_size,
             measure(lambda: ours.featurize_counts(compositions), repeats),
             mm_compositions,
         ),
     ]
+    cold_costs, cold_speedups = [], []
     for n in sizes:
         sample = [formulas[i] for i in rng.integers(0, len(formulas), n)]
         parse = measure(lambda s=sample: [parse_formula(f) for f in s], repeats, setup=_clear_parse_cache)
@@ -153,6 +173,8 @@ def run(options: BenchOptions) -> Section:
         warm = measure(lambda s=sample: ours.featurize_formulas(s), repeats)
         parsed = [parse_formula(f) for f in sample]
         counts = measure(lambda p=parsed: ours.featurize_counts(p), repeats)
+        cold_costs.append(cold.cpu)
+        cold_speedups.append(mm_strings.cpu / subset_size / (cold.cpu / n))
         rows += [
             row("`parse_formula` alone, cold cache", n, parse),
             row("agd, formula strings, cold parse cache", n, cold, mm_strings),
@@ -163,11 +185,11 @@ def run(options: BenchOptions) -> Section:
     timing = markdown_table(header, rows)
 
     bases = distinct_bases(formulas)
-    sampled = _stream_figures(ours, lambda: sampled_stream(formulas, STREAM_SIZE))
-    distinct = _stream_figures(ours, lambda: distinct_stream(bases, STREAM_SIZE))
+    sampled = _stream_figures(ours, lambda: sampled_stream(formulas, stream_size), stream_size)
+    distinct = _stream_figures(ours, lambda: distinct_stream(bases, stream_size), stream_size)
     stream_rows = [
-        [f"{STREAM_SIZE:,} sampled with replacement", *sampled],
-        [f"{STREAM_SIZE:,} distinct formulas", *distinct],
+        [f"{stream_size:,} sampled with replacement", *sampled],
+        [f"{stream_size:,} distinct formulas", *distinct],
     ]
     memory = markdown_table(
         [
@@ -186,14 +208,17 @@ def run(options: BenchOptions) -> Section:
     body = f"""
 Medians of {repeats} runs. Per-composition figures and speed-ups use CPU time, which a busy shared
 machine distorts far less than wall time (both are shown). matminer is
-`ElementProperty.from_preset("magpie").featurize` in one process (`n_jobs=1`) on {MATMINER_SUBSET:,}
+`ElementProperty.from_preset("magpie").featurize` in one process (`n_jobs=1`) on {subset_size:,}
 compositions, compared on the same kind of input: formula strings against `Composition(formula)` +
 featurize, pre-parsed inputs against pre-built Compositions. "Cold" runs empty `parse_formula`'s
 cache first; "warm" runs find every formula parsed already.
 
 {timing}
 
-Streaming {STREAM_SIZE:,} formulas through `featurize_chunks(chunk_size={CHUNK_SIZE:,})`, results
+How CPU time grows with n for formula strings on a cold parse cache (log-log slope over
+n = {", ".join(f"{n:,}" for n in sizes)}; 1 is linear): {format_exponent(growth_exponent(list(sizes), cold_costs))}.
+
+Streaming {stream_size:,} formulas through `featurize_chunks(chunk_size={CHUNK_SIZE:,})`, results
 dropped chunk by chunk, starting from an empty parse cache. Times come from an untraced pass and
 include generating the input; peak and retained memory from a second pass under `tracemalloc`.
 "Retained" is what stays allocated afterwards: almost all of it `parse_formula`'s LRU cache (up to
@@ -203,4 +228,14 @@ Process peak RSS over the whole benchmark, tracemalloc's own bookkeeping include
 
 {memory}
 """
-    return Section("magpie", "Magpie descriptors (`agd.chem.magpie`)", body, ["matminer", "pymatgen"])
+    targets = [
+        Target(
+            "Magpie: speed-up over matminer per composition (formula strings, cold parse cache)",
+            ">= 100x",
+            f"{min(cold_speedups):.0f}x (lowest over n = {', '.join(f'{n:,}' for n in sizes)})",
+            min(cold_speedups) >= 100,
+        )
+    ]
+    return Section(
+        "magpie", "Magpie descriptors (`agd.chem.magpie`)", body, ["matminer", "pymatgen"], targets
+    )
