@@ -539,6 +539,10 @@ class EnergyConfig(_Section):
     formation_energy_max: float = Field(
         0.0, description="keep candidates below this formation energy (eV/atom)"
     )
+    formation_energy_min: float = Field(
+        -6.0,
+        description="below this (eV/atom) a relaxed energy is unphysical (no known compound is below about -4.5)",
+    )
     reference_starts: list[Literal["known", "fcc", "bcc", "hcp", "diamond", "dimer"]] = Field(
         default_factory=lambda: ["known", "fcc", "bcc", "hcp", "diamond", "dimer"],
         description="starting cells relaxed for each elemental reference (known: elemental templates; dimer: gases)",

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from agd.chem.formula import FormulaError, formula_key
 from agd.config import load_params
-from agd.models.gan import Trims, load_gan, sample_formulas, sample_quality
+from agd.models.gan import Trims, _formula_keys, load_gan, sample_formulas, sample_quality
 from bench import (
     REPO_ROOT,
     BenchOptions,
@@ -35,15 +34,7 @@ SEED = 0
 
 def _known_keys(formulas: list[str] | None) -> set[str] | None:
     """Reduced-formula keys of the GAN's training formulas (for novelty), skipping unparsable ones."""
-    if formulas is None:
-        return None
-    keys = set()
-    for text in formulas:
-        try:
-            keys.add(formula_key(text))
-        except FormulaError:
-            continue
-    return keys
+    return None if formulas is None else _formula_keys(formulas)
 
 
 def _unique_valid(report: dict[str, float]) -> int:

@@ -349,6 +349,7 @@ def compute_energies(
     for column in ENERGY_COLUMNS:
         table[column] = None
     for i, record in records.items():
+        record = _check_plausible(record, cfg)  # resumed records too: the bound is not part of the signature
         for column in ENERGY_COLUMNS:
             table.at[i, column] = record.get(column)
         if record.get("relaxed_cif"):
@@ -365,6 +366,30 @@ def compute_energies(
     table.attrs["n_resumed"] = n_resumed
     table.attrs["references"] = {el: refs.energy(el) for el in sorted(refs._cache)} if refs else {}
     return table
+
+
+def _check_plausible(record: dict, cfg: EnergyConfig) -> dict:
+    """The record, marked ``unphysical`` (and not kept) when its formation energy is below the physical range.
+
+    A relaxation that leaves CHGNet's training distribution can slide to absurd energies (-53 eV/atom
+    seen for BPF6 after 500 unconverged steps) without tripping the geometric guard; no compound is
+    known below about -4.5 eV/atom.
+    """
+    formation = record.get("formation_energy_per_atom")
+    if record.get("energy_status") != OK or formation is None or formation >= cfg.formation_energy_min:
+        return record
+    message = (
+        f"formation energy {formation:.2f} eV/atom is below {cfg.formation_energy_min:g} eV/atom "
+        f"(energy.formation_energy_min): the relaxation left CHGNet's valid range"
+        + ("" if record.get("converged") else " without converging")
+    )
+    previous = record.get("message") or ""
+    return {
+        **record,
+        "energy_status": UNPHYSICAL,
+        "keep": False,
+        "message": "; ".join(m for m in (previous, message) if m),
+    }
 
 
 def _relax_row(
@@ -401,7 +426,8 @@ def _relax_row(
 def energy_summary(table: pd.DataFrame) -> dict:
     """Counts and energy statistics of an energies table (for metrics)."""
     relaxed = table[table["energy_per_atom"].notna()]
-    fe = relaxed["formation_energy_per_atom"].dropna()
+    # statistics of plausible energies only: an unphysical one (far below any real compound) would swamp them
+    fe = relaxed.loc[relaxed["energy_status"].eq(OK), "formation_energy_per_atom"].dropna()
     return {
         "n_candidates": len(table),
         "n_relaxed": len(relaxed),

@@ -19,6 +19,7 @@ from agd.structures.energy import (
     ChgnetRelaxer,
     ElementalReferences,
     compute_energies,
+    energy_summary,
     prototype_structures,
     read_progress,
 )
@@ -112,6 +113,17 @@ def test_compute_energies_statuses_and_resume(tmp_path, relaxer):
     again = compute_energies(_structures_table(), CFG, progress, refs, relaxer=relaxer, progress=False)
     assert relaxer.calls == before and again.attrs["n_resumed"] == 3
     pd.testing.assert_series_equal(again["formation_energy_per_atom"], table["formation_energy_per_atom"])
+
+    # an energy below the plausible range is unphysical, also for a resumed record (no new relaxation)
+    fe = float(nacl["formation_energy_per_atom"])
+    assert energy_summary(table)["formation_energy_min"] == pytest.approx(fe)
+    strict = CFG.model_copy(update={"formation_energy_min": fe + 0.5})
+    flagged = compute_energies(_structures_table(), strict, progress, refs, relaxer=relaxer, progress=False)
+    row = flagged.set_index("formula").loc["NaCl"]
+    assert relaxer.calls == before and row["status"] == UNPHYSICAL and not bool(row["keep"])
+    assert "below" in row["message"] and row["formation_energy_per_atom"] == pytest.approx(fe)
+    summary = energy_summary(flagged)
+    assert summary["formation_energy_min"] is None and summary["status"][UNPHYSICAL] == 1
 
     # other settings are another run: nothing is reused
     other = CountingRelaxer(CFG.model_copy(update={"steps": 16}))
