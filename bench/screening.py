@@ -8,7 +8,7 @@ flags; every row is screened (no filter). The file is cached in ``bench/.cache``
 ``AGD_BENCH_CACHE`` to put it elsewhere).
 
 Each size runs :func:`agd.screening.stream.stream_screen` with the deployed forest of
-``models/oracle`` in a fresh subprocess, so its peak RSS (``ru_maxrss`` of that process) is the whole
+``models/oracle`` in a fresh subprocess, so its peak RSS (``VmHWM`` of that process) is the whole
 job's: interpreter, model, parse cache and one chunk. Wall time is the subprocess's, model loading
 included; the phases are timed inside the stream. Forest prediction alone is timed separately on
 featurised rows: scikit-learn's ``forest.predict`` against the stream's float32, threaded running-sum
@@ -114,8 +114,6 @@ def _run_child(*args: str) -> tuple[dict, float]:
 
 
 def _child_screen(forest: str, candidates: str, out: str, chunk_size: int, jobs: int | None) -> dict:
-    import resource
-
     from agd.screening.stream import load_screening_model, stream_screen
 
     t0 = time.perf_counter()
@@ -126,9 +124,27 @@ def _child_screen(forest: str, candidates: str, out: str, chunk_size: int, jobs:
     report.update(
         load_seconds=load,
         n_jobs=model.n_jobs,
-        maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        maxrss_mib=_peak_rss_mib(),
     )
     return report
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB.
+
+    ``VmHWM`` belongs to the process's own address space. ``ru_maxrss`` does not: Linux carries the
+    parent's peak across fork and exec, so a child of a large process (``python -m bench all`` after
+    the oracle benchmark, about 1.5 GiB) would report the parent's figure.
+    """
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _child_predict(forest_path: str, candidates: str, rows: int, jobs: int | None) -> dict:
@@ -217,7 +233,7 @@ def run(options: BenchOptions) -> Section:
         f"screened (no valid/novel filter) with the forest `{_shown(FOREST)}` "
         f"({predict['trees']} trees, {predict['n_jobs']} threads) for the default windows, in chunks of "
         f"{CHUNK_SIZE:,}, one fresh subprocess per size (`agd screen-candidates` does the same). Wall = the "
-        "subprocess, interpreter start and model loading included; peak RSS = its `ru_maxrss`. One run per size.",
+        "subprocess, interpreter start and model loading included; peak RSS = its `VmHWM`. One run per size.",
         "",
         markdown_table(
             ["rows", "wall s", "stream s", "rows / s (stream)", "peak RSS GiB", "hits", "rejected"], rows

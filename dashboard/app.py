@@ -19,7 +19,7 @@ import duckdb  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from agd.tracking.catalog import CatalogError  # noqa: E402
-from dashboard import ui, warmup  # noqa: E402
+from dashboard import ui  # noqa: E402
 
 st.set_page_config(page_title="agd dashboard", page_icon=":material/science:", layout="wide")
 
@@ -62,5 +62,3 @@ try:
 except (CatalogError, duckdb.Error) as exc:
     # e.g. the catalog was replaced by one of another schema while the page ran
     st.error(f"Reading the catalog failed: {exc}. Rebuild it with `agd catalog`, then reload the page.")
-# after the first page is drawn, not during it: MLflow's and t-SNE's imports run while the user reads it
-warmup.start()

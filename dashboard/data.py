@@ -71,6 +71,23 @@ def _project_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+_PARAMS_CACHE: dict[tuple[str, int, int], Any] = {}
+
+
+def _read_params(path: Path) -> Any:
+    """``load_params`` of a file, reused while the file is unchanged (every page run asks for it)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return load_params(path)  # missing: its own error message
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _PARAMS_CACHE:
+        params = load_params(path)  # a ConfigError is not cached: the next run reads the file again
+        _PARAMS_CACHE.clear()
+        _PARAMS_CACHE[key] = params
+    return _PARAMS_CACHE[key]
+
+
 def load_settings() -> Settings:
     """Resolve the catalog path (AGD_CATALOG, else params' catalog.path), the MLflow URI and the DVC file."""
     from agd.tracking.mlflow import tracking_uri
@@ -78,7 +95,7 @@ def load_settings() -> Settings:
     root = _project_root()
     params_error = None
     try:
-        params = load_params(root / "params.yaml")
+        params = _read_params(root / "params.yaml")
     except ConfigError as exc:
         # a broken params.yaml must not take the dashboard down: fall back to the defaults and say so
         params_error = str(exc)

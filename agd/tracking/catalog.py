@@ -26,7 +26,6 @@ from typing import Any
 
 import duckdb
 import pandas as pd
-import pyarrow.dataset as pa_dataset
 
 from agd.config import DesignMapConfig
 
@@ -291,6 +290,8 @@ def _load(
             raise CatalogError(f"cannot load {table!r}: source file {path} does not exist")
         label = source_file or key.get("source_file") or _source_label(path)
         # a pyarrow dataset streams the file and, unlike read_parquet, never treats the path as a glob
+        import pyarrow.dataset as pa_dataset  # a second to import; readers (the dashboard) never need it
+
         staged = pa_dataset.dataset(path, format="parquet")
         names = [name for name in staged.schema.names if not _PANDAS_INDEX.match(name)]
     key = key or {"source_file": label}
