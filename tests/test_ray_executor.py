@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from agd.executors import ExecutorError, LocalExecutor, make_executor
-from tests.active.conftest import campaign_models  # noqa: F401 - a fixture, used by name
 from tests.active.test_campaign import TIMING, _params
 from tests.conftest import REPO_ROOT
 from tests.screening.test_screen import TINY, inputs  # noqa: F401 - inputs is a fixture
@@ -120,7 +119,7 @@ def _histories(uri: str) -> dict[tuple[str, str], dict[str, list[tuple[int, floa
     return out
 
 
-def test_experiments_on_ray_match_the_local_run(local_ray, campaign_models, tmp_path, monkeypatch):  # noqa: F811
+def test_experiments_on_ray_match_the_local_run(local_ray, campaign_models, tmp_path, monkeypatch):
     from agd.active.experiments import run_experiments
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

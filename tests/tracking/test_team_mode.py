@@ -25,11 +25,7 @@ import pytest
 import yaml
 
 from agd.tracking import server
-from tests.active import conftest as active_fixtures
 from tests.conftest import REPO_ROOT, read_shared_csv
-
-# the session fixture of tests/active: prepared rows, a latent-16 autoencoder and a forest oracle
-campaign_models = active_fixtures.campaign_models
 
 SERVER_START_S = 60
 ACQ = {"n_random": 64, "n_local": 256, "local_centres": 10, "local_radius": (0.5, 1.5), "local_scale": 0.05, "n_refine": 4,
