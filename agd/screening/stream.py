@@ -368,12 +368,13 @@ def rejected_path_for(out: str | os.PathLike) -> Path:
 
 
 def _sha256(paths: Sequence[Path]) -> str:
+    """sha256 over the files' names and bytes (the parts' fingerprint of inputs and model)."""
+    from agd.screening.screen import _hash_file
+
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode())
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        _hash_file(path, digest)
     return digest.hexdigest()
 
 
