@@ -273,6 +273,11 @@ class GenerateConfig(_Section):
         100_000, ge=0, description="samples used for the decodable/valid/unique/novel report"
     )
     n_jobs: int = Field(1, description="worker processes for the validity checks (<= 0: all cores)")
+    merge_memory_mib: int = Field(
+        256,
+        ge=64,
+        description="memory DuckDB may hold while merging the chunk files into one table; beyond it, it spills to disk",
+    )
 
 
 class AcquisitionConfig(_Section):

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -768,6 +769,87 @@ def _merge_candidates(rows: pd.DataFrame) -> pd.DataFrame:
     return merged
 
 
+def merge_candidate_parts(
+    parts: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    known: Iterable[str],
+    run_id: str,
+    *,
+    memory_mib: int = 256,
+    temp_dir: str | os.PathLike | None = None,
+    threads: int = 2,
+) -> dict[str, int]:
+    """Merge chunk files into the candidate table, out of core; returns the table's counts.
+
+    Same rows as :func:`_merge_candidates` over all parts at once (one row per reduced formula, the
+    earliest sample's formula and checks, ``n_sampled`` summed, in order of first sample), plus
+    ``novel`` (reduced formula not in ``known``), ``run_id`` and ``source``. DuckDB does the grouping,
+    the join and the sort within ``memory_mib`` and spills to ``temp_dir`` beyond it, so memory stays
+    flat however many candidates there are (``tests/models/test_gan_merge.py`` has the measured figures).
+    The table is written to a temporary file and renamed: a killed merge leaves no partial output.
+    """
+    import duckdb
+    import pyarrow as pa
+
+    paths = [str(Path(p)) for p in parts]
+    if not paths:
+        raise ValueError("no candidate parts to merge")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    spill = Path(temp_dir) if temp_dir is not None else out.with_name(f".{out.name}.spill")
+    spill.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(config={"memory_limit": f"{int(memory_mib)}MB", "threads": int(threads)})
+    try:
+        con.execute("SET temp_directory = ?", [str(spill)])
+        con.execute("SET preserve_insertion_order = false")
+        known_keys = pa.table({"key": pa.array(sorted(set(known)), type=pa.string())})
+        con.register("known_keys", known_keys)
+        # Pass 1 groups only the key and two integers (spillable); pass 2 joins the parts back on
+        # first_sample, which is a row id: every sample index yields one formula, in one part.
+        columns = ", ".join(
+            {
+                "run_id": "$run_id::VARCHAR AS run_id",
+                "novel": "(k.key IS NULL) AS novel",
+                "source": "'gan' AS source",
+                "n_sampled": "g.n_sampled",
+            }.get(c, f"r.{c}")
+            for c in CANDIDATE_COLUMNS
+        )
+        query = f"""
+            COPY (
+                WITH g AS (
+                    SELECT min(first_sample) AS first_sample, CAST(sum(n_sampled) AS BIGINT) AS n_sampled
+                    FROM read_parquet($paths)
+                    GROUP BY reduced_formula
+                )
+                SELECT {columns}
+                FROM read_parquet($paths) r
+                JOIN g ON r.first_sample = g.first_sample
+                LEFT JOIN known_keys k ON k.key = r.reduced_formula
+                ORDER BY r.first_sample
+            ) TO '{_sql_path(tmp)}' (FORMAT parquet, COMPRESSION snappy)
+        """
+        con.execute(query, {"run_id": run_id, "paths": paths})
+        counts = con.execute(
+            "SELECT count(*), count(*) FILTER (valid), count(*) FILTER (novel), "
+            "count(*) FILTER (valid AND novel) FROM read_parquet(?)",
+            [str(tmp)],
+        ).fetchone()
+    finally:
+        con.close()
+        shutil.rmtree(
+            spill, onerror=lambda _f, path, exc: log.warning("could not remove %s: %s", path, exc[1])
+        )
+    os.replace(tmp, out)
+    return dict(zip(("unique", "valid", "novel", "valid_novel"), map(int, counts), strict=True))
+
+
+def _sql_path(path: Path) -> str:
+    """A file path as a single-quoted SQL literal's body (COPY ... TO does not take parameters)."""
+    return str(path).replace("'", "''")
+
+
 def _write_part(path: Path, table: pd.DataFrame, stats: dict) -> None:
     """Write one chunk's candidates atomically, with the chunk's counts in the parquet metadata."""
     import pyarrow as pa
@@ -862,25 +944,19 @@ def generate_candidates(
     for path in paths:
         for key, value in _read_part_stats(path).items():
             totals[key] += value
-    merged = _merge_candidates(pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True))
-    merged["novel"] = ~merged["reduced_formula"].isin(known)
-    merged["run_id"] = run_id
-    merged["source"] = "gan"
-    merged = merged[CANDIDATE_COLUMNS]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    merged.to_parquet(tmp, index=False)
-    os.replace(tmp, out)
-    n_valid_unique = int(merged["valid"].sum())
+    counts = merge_candidate_parts(
+        paths, out, known, run_id, memory_mib=gen_cfg.merge_memory_mib, temp_dir=parts / "merge.tmp"
+    )
+    n_valid_unique = counts["valid"]
     metrics: dict = {
         "n_samples": totals["samples"],
         "n_decodable": totals["decodable"],
         "n_within_trims": totals["within_trims"],
         "n_valid_samples": totals["valid"],
-        "n_unique": len(merged),
+        "n_unique": counts["unique"],
         "n_unique_valid": n_valid_unique,
-        "n_unique_novel": int(merged["novel"].sum()),
-        "n_unique_valid_novel": int((merged["valid"] & merged["novel"]).sum()),
+        "n_unique_novel": counts["novel"],
+        "n_unique_valid_novel": counts["valid_novel"],
         "chunks": len(chunks),
         "chunks_resumed": resumed,
         "sampling_seconds": totals["seconds"],
