@@ -95,6 +95,12 @@ class ValidityConfig(_Section):
     oxidation_states_set: str = "icsd24"
     use_pauling_test: bool = True
     include_alloys: bool = False
+    min_elements: int = Field(
+        2,
+        ge=1,
+        description="fewer distinct elements is invalid: smact passes every pure element (oxidation state 0), "
+        "but an element is no new compound (1: smact_validity's verdicts exactly)",
+    )
 
 
 class TrackingConfig(_Section):

@@ -7,7 +7,9 @@ charge balance from ``smact.neutral_ratios`` and the electronegativity rule from
 and, when asked, all-metal alloys), with one difference: it records both checks in one pass, so a
 composition is reported as "charge neutral but electronegativity not balanced" rather than just
 "invalid". ``valid`` equals ``smact_validity(formula, use_pauling_test=..., include_alloys=...,
-oxidation_states_set=...)``; the tests pin that on real formulas.
+oxidation_states_set=...)`` for compositions of at least ``min_elements`` distinct elements (default 2:
+smact passes every pure element, and a generator that proposes Mg has found no new compound); the
+tests pin that on real formulas.
 
 Work is done once per unique input string and once per composition: ``Fe2O3`` and ``Fe4O6`` share
 one evaluation, cached by reduced formula inside the checker (picklable, and savable to parquet).
@@ -427,6 +429,9 @@ class ValidityChecker:
     ) -> tuple[bool, bool, bool, str | None]:
         """Combine the two checks under the config into (cn, eb, valid, reason)."""
         cn, eb, missing = result
+        if len(item) < self.config.min_elements:
+            what = "a single element" if len(item) == 1 else f"{len(item)} elements"
+            return cn, eb, False, f"{what}, fewer than validity.min_elements ({self.config.min_elements})"
         valid = cn and (eb or not self.config.use_pauling_test)
         # smact_validity(include_alloys=True): all-metal compositions pass whatever the checks say
         alloy = self.config.include_alloys and all(symbol in _METALS for symbol, _ in item)

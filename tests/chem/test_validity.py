@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from pymatgen.core import Composition
 from smact.screening import smact_validity
 
 from agd.chem import validity
@@ -21,7 +22,9 @@ KNOWN_INVALID = ["NaCl2", "LiO2", "KO2", "Fe3O4", "Na3Cl"]
 
 
 def smact_reference(formula: str, config: ValidityConfig) -> bool:
-    """Plain smact_validity under the same settings as the checker."""
+    """Plain smact_validity under the same settings as the checker, and at least min_elements elements."""
+    if len(Composition(formula).elements) < config.min_elements:
+        return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the wiki set warns on every call
         return smact_validity(
@@ -93,8 +96,32 @@ def test_alloys_follow_config() -> None:
     assert not alloys["charge_neutral"].iat[0] and alloys["reason"].iat[0] is None
 
 
+def test_pure_elements_are_not_compounds() -> None:
+    formulas = ["Mg", "O2", "C", "MgO", "Si"]
+    default = ValidityChecker().check(formulas)
+    assert default["valid"].tolist() == [False, False, False, True, False]
+    # smact itself passes them (oxidation state 0): both checks stay as smact reports them
+    assert default["charge_neutral"].all() and default["electronegativity_balanced"].all()
+    assert default["reason"].tolist() == ["a single element, fewer than validity.min_elements (2)"] * 3 + [
+        None,
+        "a single element, fewer than validity.min_elements (2)",
+    ]
+    smact_parity = ValidityChecker(ValidityConfig(min_elements=1)).check(formulas)
+    assert smact_parity["valid"].tolist() == [
+        smact_validity(f, oxidation_states_set="icsd24") for f in formulas
+    ]
+    assert smact_parity["valid"].all()
+    ternaries = ValidityChecker(ValidityConfig(min_elements=3)).check(["MgO", "LiFePO4", "CaCO3"])
+    assert ternaries["valid"].tolist() == [False, True, True]
+    assert ternaries["reason"].iat[0] == "2 elements, fewer than validity.min_elements (3)"
+    with pytest.raises(ValueError, match="min_elements"):
+        ValidityConfig(min_elements=0)
+
+
 def test_elements_without_data() -> None:
-    result = ValidityChecker().check(["He", "O2", "HeO", "ArF2", "PmCl3", "XeF2", "RfO2"])
+    result = ValidityChecker(ValidityConfig(min_elements=1)).check(
+        ["He", "O2", "HeO", "ArF2", "PmCl3", "XeF2", "RfO2"]
+    )
     assert result["valid"].tolist() == [True, True, False, False, False, True, False]
     assert result["reason"].tolist()[2:] == [
         "element He has no oxidation states in set icsd24",

@@ -199,7 +199,8 @@ def test_generate_candidates_is_trimmed_unique_and_resumable(gan_dir, tmp_path):
             len(counts),
             max(counts.values()),
         )
-    assert (table["valid"] == table["charge_neutral"] & table["electronegativity_balanced"]).all()
+    both = table["charge_neutral"] & table["electronegativity_balanced"]
+    assert (table["valid"] == both & (table["n_elements"] >= 2)).all()  # pure elements are no compounds
     assert 0 <= metrics["quality"]["validity_rate"] <= 1 and metrics["chunks_resumed"] == 0
 
     parts = tmp_path / "candidates.parts"
