@@ -150,6 +150,15 @@ def test_save_and_load_give_identical_predictions(ensemble, exp1, tmp_path):
     np.testing.assert_array_equal(oracle.label(formulas).gaps, before.gaps)
 
 
+def test_predictions_do_not_depend_on_the_batch_size(ensemble, exp1):
+    formulas = exp1["reduced_formula"].iloc[:700].tolist()
+    default = ensemble.predict(formulas)
+    for batch_size in (1, 100, 4096):
+        other = ensemble.predict(formulas, batch_size=batch_size)
+        np.testing.assert_allclose(other.gaps, default.gaps, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(other.std, default.std, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_formulas_get_a_status_and_the_rest_are_labelled(ensemble):
     oracle = ModelOracle(ensemble, "roost")
     assert isinstance(oracle, Oracle)
