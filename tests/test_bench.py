@@ -213,9 +213,9 @@ def test_oracle_bench_times_roost_at_both_thread_counts_and_the_forest(tiny_orac
     growth = table(section.body, "model", which=1)
     assert [r["torch threads"] for r in growth] == ["1", "2", "1", "n/a"]
     assert [r["model"].split(",")[-1].strip() for r in growth[:3]] == [
-        "batch 4096)",
-        "batch 4096)",
         "batch 256)",
+        "batch 256)",
+        "batch 4096)",
     ]
     assert all(-1 < number(r["growth exponent"]) < 3 for r in growth)
     assert "(1 thread)" in section.targets[0].measured and "(2 threads)" in section.targets[0].measured
