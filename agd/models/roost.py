@@ -60,9 +60,8 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 #: Element embeddings that ship inside aviary (``aviary/embeddings/element/<name>.json``).
 EMBEDDINGS = ("matscholar200", "cgcnn92", "megnet16", "onehot112")
-#: Formulas per forward pass when predicting. Small batches are faster on a CPU (the scatter
-#: reductions stay in cache): 256 labels 2.4x as many formulas per second as 4,096 on one thread
-#: (``python -m bench oracle``); memory per pass stays a few MiB.
+#: Formulas per forward pass when predicting. On the 2-core reference CPU, 256 labelled 2.4x as many
+#: formulas per second as 4,096 on one thread (``python -m bench oracle``, 20,000 formulas).
 _PREDICT_BATCH = 256
 _PREDICT_CHUNK = 100_000
 _TARGET = "band_gap"
