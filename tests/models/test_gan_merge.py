@@ -45,7 +45,7 @@ def _write_parts(folder: Path, n_parts: int, rows: int, n_keys: int, seed: int =
             {
                 "formula": keys[pick],
                 "reduced_formula": keys[pick],
-                "n_elements": np.full(n, 3, dtype=np.int16),
+                "n_elements": np.full(n, 4, dtype=np.int16),
                 "n_atoms": rng.integers(3, 21, size=n).astype(np.int16),
                 "max_count": rng.integers(1, 8, size=n).astype(np.int16),
                 "charge_neutral": valid | (rng.random(n) < 0.1),
