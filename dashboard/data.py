@@ -476,6 +476,7 @@ HIT_COLUMNS = [
     "gap_window",
     "predicted_gap",
     "oracle_gap",
+    "beyond_training",
     "valid",
     "novel",
     "formation_energy_per_atom",
@@ -548,7 +549,7 @@ def _candidate_sql(q: CandidateQuery) -> tuple[str, list[Any]]:
             f"WITH {side}, cand AS (SELECT formula, bool_or(valid) AS valid, bool_or(novel) AS novel FROM candidates "
             "  WHERE formula IN (SELECT formula FROM screening) GROUP BY formula) "
             "SELECT s.formula, s.experiment, s.repeat, s.model, s.training_set, s.gap_window, s.predicted_gap, "
-            "       s.oracle_gap, c.valid, c.novel, st.formation_energy_per_atom, st.template_formula, d.dft_band_gap "
+            "       s.oracle_gap, s.beyond_training, c.valid, c.novel, st.formation_energy_per_atom, st.template_formula, d.dft_band_gap "
             "FROM screening s LEFT JOIN cand c USING (formula) LEFT JOIN structures_1 st USING (formula) "
             "LEFT JOIN dft_1 d USING (formula)"
         )

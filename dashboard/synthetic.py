@@ -212,6 +212,7 @@ def synthetic_tables(
                                         "reduced_formula": formula,
                                         "predicted_gap": round(float(rng.uniform(low, high)), 3),
                                         "oracle_gap": round(float(rng.uniform(low - 0.5, high + 0.5)), 3),
+                                        "beyond_training": bool(rng.random() < 0.1),
                                     }
                                 )
     screening_metrics = pd.DataFrame(metric_rows)

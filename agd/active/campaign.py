@@ -336,6 +336,10 @@ class Campaign:
             if on_round is not None:
                 on_round(0, table)
         done = int(table["round"].max())
+        self.bounds = covering_box(
+            self.chemistry.autoencoder.bounds.as_array(),
+            np.stack(table.loc[table["fate"] == INITIAL, "latent"].to_numpy()),
+        )
         registered = table[np.isfinite(table["registered_value"].to_numpy(dtype=float))]
         optimizer = make_optimizer(
             self.bounds,
@@ -498,6 +502,23 @@ class Campaign:
             label_std=label_std,
             registered_value=value,
         )
+
+
+def covering_box(bounds: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The autoencoder's box widened, per dimension, just enough to hold ``points``.
+
+    The box is the extent of the autoencoder's training latents, but a campaign's initial samples
+    come from the whole dataset (validation and test rows too), so some lie a little outside it.
+    The optimiser must search a box that holds every point it has registered.
+    """
+    box = np.array(bounds, dtype=float, copy=True)
+    if len(points):
+        box[:, 0] = np.minimum(box[:, 0], points.min(axis=0))
+        box[:, 1] = np.maximum(box[:, 1], points.max(axis=0))
+        widened = int((box != bounds).any(axis=1).sum())
+        if widened:
+            log.debug("search box widened in %d of %d dimensions to hold the initial samples", widened, len(box))
+    return box
 
 
 def _progress(total: int, desc: str, enabled: bool):

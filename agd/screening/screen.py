@@ -99,6 +99,9 @@ HITS_SCHEMA = pa.schema(
         ("reduced_formula", pa.string()),
         ("predicted_gap", pa.float64()),
         ("oracle_gap", pa.float64()),
+        # the prediction lies outside the range of labels its model trained on: an extrapolation,
+        # which tree models cannot make and which a neural model makes with little to back it
+        ("beyond_training", pa.bool_()),
     ]
 )
 #: Columns of a cached oracle part: the screened candidates in order, with the oracle's gap.
@@ -110,7 +113,7 @@ ORACLE_SCHEMA = pa.schema(
         ("oracle_status", pa.string()),
     ]
 )
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: hits carry beyond_training
 
 GroupCallback = Callable[[int, dict[str, float]], None]
 
@@ -464,6 +467,12 @@ class _Screener:
     model: Any
     elements: frozenset[str]
     cfg: ScreeningConfig
+    label_range: tuple[float, float]  # lowest and highest band gap the model trained on
+
+    def beyond(self, predicted: np.ndarray) -> np.ndarray:
+        """Which predictions lie outside the training labels' range (extrapolations)."""
+        low, high = self.label_range
+        return (predicted < low) | (predicted > high)
 
     def predict(self, inputs: _ChunkInputs) -> np.ndarray:
         """Predicted gaps of a chunk; NaN where the model cannot (or, by config, may not) predict."""
@@ -490,15 +499,16 @@ class _Screener:
 def _train_screener(
     kind: str, formulas: list[str], gaps: np.ndarray, cfg: ScreeningConfig, seed: int, progress: bool
 ) -> _Screener:
+    label_range = (float(np.min(gaps)), float(np.max(gaps)))
     if kind == "forest":
         from agd.models.forest import train_forest
 
         model = train_forest(formulas, gaps, cfg.forest, seed)
-        return _Screener(kind, model, model.elements, cfg)
+        return _Screener(kind, model, model.elements, cfg, label_range)
     from agd.models.roost import train_ensemble
 
     model = train_ensemble(formulas, gaps, None, None, cfg.roost, seed, progress=progress)
-    return _Screener(kind, model, model.elements, cfg)
+    return _Screener(kind, model, model.elements, cfg, label_range)
 
 
 def _usable_for(kind: str, formulas: Sequence[str], cfg: ScreeningConfig) -> np.ndarray:
@@ -638,7 +648,9 @@ def _screen_part(
             found.n_recovered[name] = int((mask & in_oracle[name]).sum())
             if name in hit_windows and mask.any():
                 idx = np.flatnonzero(mask)
-                found.hits.append(_hit_table(group, name, chunk.take(pa.array(idx)), pred[idx]))
+                found.hits.append(
+                    _hit_table(group, name, chunk.take(pa.array(idx)), pred[idx], screener.beyond(pred[idx]))
+                )
         results.append(found)
     return results
 
@@ -659,7 +671,9 @@ def _merge_part(prepared: Sequence[_Prepared], results: Sequence[_PartResult]) -
         item.hits.extend(found.hits)
 
 
-def _hit_table(group: Group, window: str, rows: pa.Table, predicted: np.ndarray) -> pa.Table:
+def _hit_table(
+    group: Group, window: str, rows: pa.Table, predicted: np.ndarray, beyond: np.ndarray
+) -> pa.Table:
     n = len(rows)
     return pa.table(
         {
@@ -672,6 +686,7 @@ def _hit_table(group: Group, window: str, rows: pa.Table, predicted: np.ndarray)
             "reduced_formula": rows["reduced_formula"],
             "predicted_gap": pa.array(predicted, pa.float64()),
             "oracle_gap": rows["oracle_gap"],
+            "beyond_training": pa.array(beyond, pa.bool_()),
         },
         schema=HITS_SCHEMA,
     )
@@ -904,7 +919,7 @@ def run_screening_stage(
             row[key] = _from_json(row[key])
     metrics = pa.Table.from_pylist(metric_rows, schema=METRICS_SCHEMA)
     _write_parquet(metrics, out / "metrics.parquet")
-    n_hits = _write_hits(groups, groups_state, out / "hits.parquet")
+    n_hits, n_beyond = _write_hits(groups, groups_state, out / "hits.parquet")
 
     frame = metrics.to_pandas()
     table = aggregate_table1(frame, windows=list(cfg.windows))
@@ -922,6 +937,8 @@ def run_screening_stage(
             f"{e} {t}: {int(r['nunique'])} repeat(s), {int(r['size']) / int(r['nunique']):.0f} rows each on average"
             for (e, t), r in sizes.iterrows()
         ),
+        "hits beyond training": f"{n_beyond:,} of the {n_hits:,} stored hits predict a gap outside the range of "
+        "labels their model trained on (column beyond_training: extrapolations, to be treated with care)",
         "models": ", ".join(cfg.models)
         + f" (trained on {100 * (1 - cfg.holdout_fraction):.0f}% of each set"
         + ("; screening with a refit on all rows)" if cfg.refit_all else ")"),
@@ -944,6 +961,7 @@ def run_screening_stage(
         "training_rows": len(training),
         "rejected_training_rows": len(rejected),
         "hits": n_hits,
+        "hits_beyond_training": n_beyond,
     }
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
     return _json_safe(summary)
@@ -955,15 +973,19 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
     tmp.replace(path)
 
 
-def _write_hits(groups: Sequence[Group], state: Path, path: Path) -> int:
-    """Concatenate the stored hits of ``groups`` in plan order, one group in memory at a time."""
+def _write_hits(groups: Sequence[Group], state: Path, path: Path) -> tuple[int, int]:
+    """Concatenate the stored hits of ``groups`` in plan order, one group in memory at a time.
+
+    Returns the number of hits and how many of them are predictions beyond the training labels.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    n = 0
+    n = n_beyond = 0
     with pq.ParquetWriter(tmp, HITS_SCHEMA) as writer:
         for group in groups:
             table = pq.read_table(state / f"{group.name}.hits.parquet").cast(HITS_SCHEMA)
             if len(table):
                 writer.write_table(table)
                 n += len(table)
+                n_beyond += int(pc.sum(table["beyond_training"]).as_py() or 0)
     tmp.replace(path)
-    return n
+    return n, n_beyond

@@ -102,6 +102,7 @@ CREATE TABLE IF NOT EXISTS screening (
     reduced_formula VARCHAR,
     predicted_gap DOUBLE,                     -- eV, from the screening model
     oracle_gap DOUBLE,                        -- eV, from the oracle
+    beyond_training BOOLEAN,                  -- predicted_gap lies outside the labels its model trained on
     source_file VARCHAR NOT NULL,
     loaded_at TIMESTAMP NOT NULL
 );

@@ -77,6 +77,9 @@ st.dataframe(
     column_config={
         "predicted_gap": st.column_config.NumberColumn("predicted gap (eV)", format="%.2f"),
         "oracle_gap": st.column_config.NumberColumn("oracle gap (eV)", format="%.2f"),
+        "beyond_training": st.column_config.CheckboxColumn(
+            "beyond training", help="the predicted gap lies outside the labels its model trained on"
+        ),
         "formation_energy_per_atom": st.column_config.NumberColumn("E_form (eV/atom)", format="%.3f"),
         "dft_band_gap": st.column_config.NumberColumn("DFT gap (eV)", format="%.2f"),
     },
@@ -170,7 +173,16 @@ with right:
     else:
         st.dataframe(
             hits[
-                ["experiment", "repeat", "model", "training_set", "gap_window", "predicted_gap", "oracle_gap"]
+                [
+                    "experiment",
+                    "repeat",
+                    "model",
+                    "training_set",
+                    "gap_window",
+                    "predicted_gap",
+                    "oracle_gap",
+                    "beyond_training",
+                ]
             ],
             hide_index=True,
             width="stretch",

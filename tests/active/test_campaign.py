@@ -332,3 +332,29 @@ def test_agd_campaign_killed_mid_run_resumes_to_the_same_table(campaign_models, 
     for run in runs:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "best_label")]
         assert sorted(steps) == list(range(int(resumed["round"].max()) + 1))  # every round once
+
+
+def test_initial_samples_outside_the_autoencoder_box_widen_the_search_box(parts, tmp_path):
+    """Initial samples come from the whole dataset; the box is the training latents' extent only."""
+    import dataclasses
+    import warnings
+
+    from agd.models.autoencoder import LatentBounds
+
+    chemistry, oracle, initial = parts
+    full = chemistry.autoencoder.bounds
+    centre, half = (full.lower + full.upper) / 2, (full.upper - full.lower) / 4
+    narrow = LatentBounds(centre - half, centre + half)  # half the span: most initial latents fall outside
+    shrunk = LatentChemistry(dataclasses.replace(chemistry.autoencoder, bounds=narrow), chemistry.checker)
+    spec = CampaignSpec("T-bo", "T", 0, "bo", 10, 2.576, 7)
+    campaign = Campaign(spec, _cfg(), shrunk, oracle, initial, tmp_path / "s.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "registered points lie outside the bounds" fails here
+        table = campaign.run(progress=False)
+    latents = np.stack(table["latent"].to_numpy())
+    start = np.stack(table.loc[table["round"] == 0, "latent"].to_numpy())
+    assert ((start < narrow.lower) | (start > narrow.upper)).any()  # the case under test happened
+    lo, hi = campaign.bounds.T
+    assert np.array_equal(lo, np.minimum(narrow.lower, start.min(axis=0)))
+    assert np.array_equal(hi, np.maximum(narrow.upper, start.max(axis=0)))
+    assert ((latents >= lo) & (latents <= hi)).all()  # suggestions stay inside the widened box

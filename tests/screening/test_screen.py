@@ -227,6 +227,39 @@ def test_counts_agree_with_a_direct_computation(first, inputs):
         )
 
 
+def test_hits_flag_predictions_beyond_their_models_training_labels(first, inputs):
+    """beyond_training: the prediction lies outside [min, max] of the labels its model trained on."""
+    hits = pd.read_parquet(first / "hits.parquet")
+    training, _ = read_training_sets(inputs["training_sets"])
+    checked = 0
+    for (experiment, repeat, training_set, model), got in hits.groupby(
+        ["experiment", "repeat", "training_set", "model"]
+    ):
+        rows = training[(training.experiment == experiment) & (training.repeat == repeat)
+                        & (training.training_set == training_set)].drop_duplicates("key")  # fmt: skip
+        rows = rows[screen_module._usable_for(model, rows["reduced_formula"].tolist(), TINY)]
+        n = len(rows)
+        order = np.random.default_rng(Group(experiment, repeat, training_set, model).seed(TINY.seed)).permutation(n)
+        train = order[min(max(int(round(TINY.holdout_fraction * n)), 1), n - 1) :]
+        labels = rows["band_gap"].to_numpy()[train]
+        outside = (got["predicted_gap"] < labels.min()) | (got["predicted_gap"] > labels.max())
+        assert got["beyond_training"].tolist() == outside.tolist(), (experiment, repeat, training_set, model)
+        if model == "forest":  # a forest averages training labels: it cannot leave their range
+            assert not got["beyond_training"].any()
+        checked += len(got)
+    assert checked == len(hits) > 0
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["hits_beyond_training"] == int(hits["beyond_training"].sum())
+
+
+def test_a_screener_flags_predictions_outside_its_label_range():
+    model = train_forest(["NaCl", "KCl", "NaBr", "KBr", "KI"], [5.0, 6.0, 4.0, 5.0, 4.5], TINY.forest)
+    screener = _Screener("forest", model, model.elements, TINY, (4.0, 6.0))
+    assert screener.beyond(np.array([3.9, 4.0, 5.0, 6.0, 6.1, np.nan])).tolist() == [
+        True, False, False, False, True, False,
+    ]  # fmt: skip
+
+
 def test_rerun_is_idempotent_and_reuses_every_group(first, inputs, tmp_path, monkeypatch):
     before = _outputs(first)
     copy = tmp_path / "out"
@@ -362,10 +395,10 @@ def test_cli_run_writes_metrics_report_and_an_mlflow_run(first, inputs, tmp_path
 def test_unknown_elements_are_predicted_or_left_out_by_config():
     model = train_forest(["NaCl", "KCl", "NaBr", "KBr", "KI"], [5.0, 6.0, 4.0, 5.0, 4.5], TINY.forest)
     formulas = ["NaCl", "LiF", "KBr", "Xx2"]  # LiF: elements the model never saw; Xx2: not a formula
-    open_ = _Screener("forest", model, model.elements, TINY).predict_formulas(formulas)
+    open_ = _Screener("forest", model, model.elements, TINY, (4.0, 6.0)).predict_formulas(formulas)
     assert np.isfinite(open_).tolist() == [True, True, True, False]
     strict = TINY.model_copy(update={"predict_unknown_elements": False})
-    closed = _Screener("forest", model, model.elements, strict).predict_formulas(formulas)
+    closed = _Screener("forest", model, model.elements, strict, (4.0, 6.0)).predict_formulas(formulas)
     assert np.isfinite(closed).tolist() == [True, False, True, False]
     np.testing.assert_allclose(closed[[0, 2]], open_[[0, 2]])
 
