@@ -163,6 +163,31 @@ def _cmd_train_oracle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_oracle_metals(args: argparse.Namespace) -> int:
+    from agd.data.sources import DataSourceError
+    from agd.models.metals import run_metals_oracle_stage
+
+    params = load_params(args.params)
+    compare = Path(args.compare_oracle) if args.compare_oracle else None
+    if compare is not None:
+        _require(compare, "trained oracle to compare with", "agd train oracle")
+    cfg = params.metals_oracle
+    logged = {"metals_oracle": cfg.model_dump(), "prepare": params.prepare.model_dump()}
+
+    def body(on_epoch):
+        try:
+            return run_metals_oracle_stage(cfg, params.prepare, Path(args.out), compare, on_epoch=on_epoch)
+        except (DataSourceError, ValueError) as exc:
+            raise UserError(str(exc)) from None
+
+    metrics = _tracked("oracle_metals", params, logged, "train-oracle-metals", args, body)
+    for kind, splits in metrics["metals"]["models"].items():
+        m = splits["test"]["metals"]
+        print(f"{kind}: metals on the test split: F1 {m['metal_f1']}, ROC AUC {m['metal_roc_auc']}")
+    print(f"metal-aware oracle -> {args.out}; metrics -> {args.metrics}")
+    return 0
+
+
 def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
     from agd.models.autoencoder import run_autoencoder_stage
 
@@ -669,6 +694,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _stage_outputs(oracle, "models/oracle", "metrics/oracle.json")
     oracle.set_defaults(func=_cmd_train_oracle)
+    metals = train_sub.add_parser(
+        "oracle-metals",
+        help="a second oracle trained on data that keeps the metals (params: metals_oracle, prepare)",
+        description="Prepare metals_oracle.dataset (metals kept) with the prepare params, train the oracle models "
+        "of metals_oracle.oracle with the Exp1 protocol, and report how well they tell metals from non-metals.",
+    )
+    _stage_outputs(metals, "models/oracle_metals", "metrics/oracle_metals.json", prepared=False)
+    metals.add_argument(
+        "--compare-oracle", default=None, help="also judge this oracle folder (e.g. models/oracle) on the test split"
+    )
+    metals.set_defaults(func=_cmd_train_oracle_metals)
     ae = train_sub.add_parser(
         "autoencoder",
         help="composition autoencoder to the 128-d latent space (params: autoencoder, encoding)",

@@ -177,10 +177,21 @@ class OracleConfig(_Section):
         description="deployed models see all rows: Roost fine-tuned from the hold-out members (finetune) or "
         "retrained for the epochs early stopping chose (scratch); the forest is refit; none: deploy hold-out models",
     )
-    metals_dataset: str | None = Field(
-        None,
-        description="a second dataset including metals (e.g. mp_gap_by_composition.csv) for a metal-aware oracle",
+
+
+class MetalsOracleConfig(_Section):
+    """A second oracle trained on data that keeps the metals (stage train_oracle_metals).
+
+    The main oracle learns the paper's Exp1 set (positive gaps only) and so gives metals a gap too.
+    """
+
+    dataset: str = Field(
+        "../shared/data/mp_gap_by_composition.csv", description="CSV or parquet with formulas and gaps, metals included"
     )
+    columns: dict[str, str] = Field(default_factory=dict, description="file column -> standard name, as data.columns")
+    metal_gap: float = Field(0.0, ge=0, description="a label (eV) at or below this is a metal")
+    metal_cutoff: float = Field(0.25, ge=0, description="a predicted gap (eV) at or below this calls a metal")
+    oracle: OracleConfig = OracleConfig()
 
 
 class AutoencoderConfig(_Section):
@@ -580,6 +591,7 @@ class Params(_Section):
     tracking: TrackingConfig = TrackingConfig()
     catalog: CatalogConfig = CatalogConfig()
     oracle: OracleConfig = OracleConfig()
+    metals_oracle: MetalsOracleConfig = MetalsOracleConfig()
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     gan: GanConfig = GanConfig()
     generate: GenerateConfig = GenerateConfig()

@@ -45,6 +45,9 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     table.to_csv(project / "mixed.csv", index=False)
     params = yaml.safe_load((REPO_ROOT / "params.tiny.yaml").read_text())
     params["data"]["path"] = "mixed.csv"
+    metals = read_shared_csv(shared_data / "mp_gap_by_composition.csv").sample(300, random_state=0)
+    metals.to_csv(project / "metals.csv", index=False)
+    params["metals_oracle"]["dataset"] = "metals.csv"
     params["structures"]["template_sources"] = [str(shared_data / "structures_mp20_diffhedron.csv.gz")]
     (project / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -77,7 +80,7 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
             "select count(distinct m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
             "where r.name = 'train-autoencoder' and m.key = 'val_loss'"
         ).fetchone()[0]
-    stages = {"prepare", "train-oracle", "train-autoencoder", "train-gan", "generate", "screen"}
+    stages = {"prepare", "train-oracle", "train-oracle-metals", "train-autoencoder", "train-gan", "generate", "screen"}
     stages |= {"structures", "energy", "export-vasp"}
     assert {name: runs.get(name) for name in stages} == dict.fromkeys(stages, "FINISHED")
     tiny = params["experiments"]
@@ -88,6 +91,9 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     assert logged["rows_out"] == 301 and logged["rejected"] == 5
     assert epochs == params["autoencoder"]["epochs"]  # one MLflow step per epoch
 
+    metals = json.loads((project / "metrics" / "oracle_metals.json").read_text())
+    assert metals["dataset"]["frac_metal"] > 0.3 and set(metals["metals"]["models"]) == {"roost", "forest"}
+    assert metals["reference"]["test"]["metals"]["n_metals"] > 0
     for stage in (
         "oracle",
         "autoencoder",
