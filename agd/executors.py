@@ -9,7 +9,8 @@ task. Shared arguments (models, configs) are put into Ray's object store once pe
 
 Multi-node clusters: the tasks read and write the stage's files at the driver's absolute paths, so
 the project folder must sit on a filesystem every node mounts at the same path, with ``agd``
-installed in each node's Python.
+installed in each node's Python. tests/test_ray_cluster.py joins a two-node cluster (two raylets on
+one machine) by address and checks that tasks run on both nodes with a model shared between them.
 """
 
 from __future__ import annotations
