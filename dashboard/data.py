@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -296,6 +297,76 @@ def table1_display(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
             for m, s in zip(frame[f"{metric}_mean"], frame[f"{metric}_std"], strict=True)
         ]
     return out
+
+
+def table1_bar_spec(frame: pd.DataFrame, metric: str) -> dict[str, Any]:
+    """A Vega-Lite spec: ``metric``'s mean per experiment, one bar per training set, ± std as error bars.
+
+    Facets by model (columns) and window (rows) when there is more than one. Vega-Lite rather than
+    plotly: the first page then loads 0.8 MB of chart code in the browser instead of 4.7 MB.
+    """
+    label, kind = TABLE1_METRICS[metric]
+    scale = 100.0 if kind == "percent" else 1.0
+    mean = frame[f"{metric}_mean"].to_numpy(dtype=float) * scale
+    std = np.nan_to_num(frame[f"{metric}_std"].to_numpy(dtype=float)) * scale
+    values = pd.DataFrame(
+        {
+            "experiment": frame["experiment"].astype(str),
+            "training_set": frame["training_set"].astype(str),
+            "model": frame["model"].astype(str),
+            "window": frame["gap_window"].astype(str),
+            "n_repeats": frame["n_repeats"].astype(int),
+            "mean": mean,
+            "std": std,
+            "low": mean - std,
+            "high": mean + std,
+        }
+    ).replace({np.nan: None})
+    order = [t for t in TRAINING_SET_ORDER if t in set(values["training_set"])]
+    order += sorted(set(values["training_set"]) - set(order))
+    x = {"field": "experiment", "type": "nominal", "title": None, "sort": sorted(set(values["experiment"]))}
+    offset = {"field": "training_set", "type": "nominal", "sort": order}
+    layer = {
+        "layer": [
+            {
+                "mark": "bar",
+                "encoding": {
+                    "x": x,
+                    "xOffset": offset,
+                    "y": {"field": "mean", "type": "quantitative", "title": label},
+                    "color": {"field": "training_set", "type": "nominal", "sort": order, "title": "training set"},
+                    "tooltip": [
+                        {"field": name, "type": "nominal"} for name in ("experiment", "training_set", "model", "window")
+                    ]
+                    + [
+                        {"field": "mean", "type": "quantitative", "format": ".3g"},
+                        {"field": "std", "type": "quantitative", "format": ".3g"},
+                        {"field": "n_repeats", "type": "quantitative", "title": "repeats"},
+                    ],
+                },
+            },
+            {
+                "mark": {"type": "rule", "color": "black"},
+                "encoding": {
+                    "x": x,
+                    "xOffset": offset,
+                    "y": {"field": "low", "type": "quantitative"},
+                    "y2": {"field": "high"},
+                },
+            },
+        ],
+        "width": 260,
+        "height": 220,
+    }
+    facet = {}
+    if values["model"].nunique() > 1:
+        facet["column"] = {"field": "model", "type": "nominal", "title": None}
+    if values["window"].nunique() > 1:
+        facet["row"] = {"field": "window", "type": "nominal", "title": None}
+    spec: dict[str, Any] = {"title": label, "data": {"values": values.to_dict("records")}}
+    if facet:
+        return spec | {"facet": facet, "spec": layer}
+    return spec | layer
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 """Experiments: the paper's Table 1 (mean ± std over repeats) and bar charts BS vs AL vs random."""
 
-import plotly.express as px
 import streamlit as st
 
 from dashboard import data, ui
@@ -48,20 +47,4 @@ chart_metrics = st.multiselect(
     key="exp_charts",
 )
 for metric in chart_metrics:
-    scale = 100 if data.TABLE1_METRICS[metric][1] == "percent" else 1
-    plot = frame.assign(mean=frame[f"{metric}_mean"] * scale, std=frame[f"{metric}_std"].fillna(0) * scale)
-    figure = px.bar(
-        plot,
-        x="experiment",
-        y="mean",
-        error_y="std",
-        color="training_set",
-        barmode="group",
-        facet_col="model" if plot["model"].nunique() > 1 else None,
-        facet_row="gap_window" if plot["gap_window"].nunique() > 1 else None,
-        category_orders={"training_set": data.TRAINING_SET_ORDER},
-        labels={"mean": labels[metric], "experiment": "", "training_set": "training set"},
-        title=labels[metric],
-        height=300 * max(1, plot["gap_window"].nunique()),
-    )
-    st.plotly_chart(figure, width="stretch", key=f"chart_{metric}")
+    st.vega_lite_chart(spec=data.table1_bar_spec(frame, metric), width="content", key=f"chart_{metric}")
