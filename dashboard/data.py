@@ -538,13 +538,11 @@ def stored_design_map(
 # Candidates
 _ELEMENT = re.compile(r"^[A-Z][a-z]?$")
 
+#: Which screening run found a hit.
+HIT_PROVENANCE = ["experiment", "repeat", "model", "training_set", "gap_window"]
 HIT_COLUMNS = [
     "formula",
-    "experiment",
-    "repeat",
-    "model",
-    "training_set",
-    "gap_window",
+    *HIT_PROVENANCE,
     "predicted_gap",
     "oracle_gap",
     "beyond_training",

@@ -172,18 +172,7 @@ with right:
         st.caption("not a screening hit")
     else:
         st.dataframe(
-            hits[
-                [
-                    "experiment",
-                    "repeat",
-                    "model",
-                    "training_set",
-                    "gap_window",
-                    "predicted_gap",
-                    "oracle_gap",
-                    "beyond_training",
-                ]
-            ],
+            hits[data.HIT_PROVENANCE + ["predicted_gap", "oracle_gap", "beyond_training"]],
             hide_index=True,
             width="stretch",
             key="cand_hits",
