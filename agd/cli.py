@@ -702,7 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _stage_outputs(metals, "models/oracle_metals", "metrics/oracle_metals.json", prepared=False)
     metals.add_argument(
-        "--compare-oracle", default=None, help="also judge this oracle folder (e.g. models/oracle) on the test split"
+        "--compare-oracle",
+        default=None,
+        help="also judge this oracle folder (e.g. models/oracle) on the test split",
     )
     metals.set_defaults(func=_cmd_train_oracle_metals)
     ae = train_sub.add_parser(
@@ -960,7 +962,9 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ts.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     ts.add_argument(
-        "--backend-store-uri", default=None, help="run store (default sqlite:///<root>/mlflow-server/mlflow.db)"
+        "--backend-store-uri",
+        default=None,
+        help="run store (default sqlite:///<root>/mlflow-server/mlflow.db)",
     )
     ts.add_argument(
         "--artifacts-destination",

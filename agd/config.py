@@ -186,9 +186,12 @@ class MetalsOracleConfig(_Section):
     """
 
     dataset: str = Field(
-        "../shared/data/mp_gap_by_composition.csv", description="CSV or parquet with formulas and gaps, metals included"
+        "../shared/data/mp_gap_by_composition.csv",
+        description="CSV or parquet with formulas and gaps, metals included",
     )
-    columns: dict[str, str] = Field(default_factory=dict, description="file column -> standard name, as data.columns")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="file column -> standard name, as data.columns"
+    )
     metal_gap: float = Field(0.0, ge=0, description="a label (eV) at or below this is a metal")
     metal_cutoff: float = Field(0.25, ge=0, description="a predicted gap (eV) at or below this calls a metal")
     oracle: OracleConfig = OracleConfig()

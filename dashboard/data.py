@@ -334,9 +334,15 @@ def table1_bar_spec(frame: pd.DataFrame, metric: str) -> dict[str, Any]:
                     "x": x,
                     "xOffset": offset,
                     "y": {"field": "mean", "type": "quantitative", "title": label},
-                    "color": {"field": "training_set", "type": "nominal", "sort": order, "title": "training set"},
+                    "color": {
+                        "field": "training_set",
+                        "type": "nominal",
+                        "sort": order,
+                        "title": "training set",
+                    },
                     "tooltip": [
-                        {"field": name, "type": "nominal"} for name in ("experiment", "training_set", "model", "window")
+                        {"field": name, "type": "nominal"}
+                        for name in ("experiment", "training_set", "model", "window")
                     ]
                     + [
                         {"field": "mean", "type": "quantitative", "format": ".3g"},

@@ -80,7 +80,15 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
             "select count(distinct m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
             "where r.name = 'train-autoencoder' and m.key = 'val_loss'"
         ).fetchone()[0]
-    stages = {"prepare", "train-oracle", "train-oracle-metals", "train-autoencoder", "train-gan", "generate", "screen"}
+    stages = {
+        "prepare",
+        "train-oracle",
+        "train-oracle-metals",
+        "train-autoencoder",
+        "train-gan",
+        "generate",
+        "screen",
+    }
     stages |= {"structures", "energy", "export-vasp"}
     assert {name: runs.get(name) for name in stages} == dict.fromkeys(stages, "FINISHED")
     tiny = params["experiments"]

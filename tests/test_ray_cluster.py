@@ -47,7 +47,16 @@ def _predict_where(formulas: list[str], model: ForestModel, delay: float) -> tup
 
 def test_tasks_spread_over_both_nodes_with_a_shared_model(two_nodes):
     model = train_forest(FORMULAS, GAPS, ForestConfig(n_estimators=20, n_jobs=1), seed=0)
-    chunks = [["NaCl", "MgO"], ["LiF"], ["GaN", "AlN", "ZnO"], ["KI"], ["CaO"], ["SiO2", "KBr"], ["NaBr"], ["KCl"]]
+    chunks = [
+        ["NaCl", "MgO"],
+        ["LiF"],
+        ["GaN", "AlN", "ZnO"],
+        ["KI"],
+        ["CaO"],
+        ["SiO2", "KBr"],
+        ["NaBr"],
+        ["KCl"],
+    ]
     executor = make_executor("ray", address=two_nodes.address)  # HOST:PORT, as --address passes it
     try:
         assert len([node for node in ray.nodes() if node["Alive"]]) == 2

@@ -31,7 +31,9 @@ from agd.config import MetalsOracleConfig, PrepareConfig
 from agd.models.oracle import _json_ready, load_oracle, regression_metrics, run_oracle_stage
 
 
-def metal_metrics(gaps: np.ndarray, predicted: np.ndarray, metal_gap: float, cutoff: float) -> dict[str, float]:
+def metal_metrics(
+    gaps: np.ndarray, predicted: np.ndarray, metal_gap: float, cutoff: float
+) -> dict[str, float]:
     """How well ``predicted`` separates metals (label <= ``metal_gap``) from non-metals.
 
     Rows without a finite prediction are left out and counted in ``n_unlabelled``.
@@ -128,9 +130,10 @@ def run_metals_oracle_stage(
             "oracle": str(compare_oracle),
             "note": "the main oracle on this stage's test split; it trained on positive gaps only, and some of "
             "these rows may be in its own training data",
-            "test": _judge(test["band_gap"].to_numpy(dtype=float), np.asarray(reference.gaps, dtype=float), cfg),
+            "test": _judge(
+                test["band_gap"].to_numpy(dtype=float), np.asarray(reference.gaps, dtype=float), cfg
+            ),
         }
     metrics = _json_ready(metrics)  # NaN -> None: valid JSON for DVC and MLflow
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
-

@@ -55,10 +55,13 @@ def test_metals_stage_trains_and_tells_metals_apart(shared_data, tmp_path):
     run_oracle_stage(tmp_path / "exp1" / "d.parquet", tmp_path / "main", main, progress=False)
 
     cfg = MetalsOracleConfig(
-        dataset=str(source), oracle=OracleConfig(models=["roost", "forest"], refit="none", roost=TINY, forest=forest)
+        dataset=str(source),
+        oracle=OracleConfig(models=["roost", "forest"], refit="none", roost=TINY, forest=forest),
     )
     out = tmp_path / "metals"
-    metrics = run_metals_oracle_stage(cfg, PrepareConfig(seed=0), out, compare_oracle=tmp_path / "main", progress=False)
+    metrics = run_metals_oracle_stage(
+        cfg, PrepareConfig(seed=0), out, compare_oracle=tmp_path / "main", progress=False
+    )
 
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["dataset"]["rows"] == metrics["dataset"]["prepared"]["rows_out"] > 1400
@@ -79,4 +82,6 @@ def test_metals_stage_trains_and_tells_metals_apart(shared_data, tmp_path):
 def test_metals_stage_refuses_a_prepare_that_drops_metals(tmp_path):
     prepare = PrepareConfig(filters={"gap_positive_only": True})
     with pytest.raises(ValueError, match="gap_positive_only"):
-        run_metals_oracle_stage(MetalsOracleConfig(dataset=str(tmp_path / "x.csv")), prepare, tmp_path / "out")
+        run_metals_oracle_stage(
+            MetalsOracleConfig(dataset=str(tmp_path / "x.csv")), prepare, tmp_path / "out"
+        )

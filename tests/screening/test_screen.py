@@ -239,7 +239,9 @@ def test_hits_flag_predictions_beyond_their_models_training_labels(first, inputs
                         & (training.training_set == training_set)].drop_duplicates("key")  # fmt: skip
         rows = rows[screen_module._usable_for(model, rows["reduced_formula"].tolist(), TINY)]
         n = len(rows)
-        order = np.random.default_rng(Group(experiment, repeat, training_set, model).seed(TINY.seed)).permutation(n)
+        order = np.random.default_rng(
+            Group(experiment, repeat, training_set, model).seed(TINY.seed)
+        ).permutation(n)
         train = order[min(max(int(round(TINY.holdout_fraction * n)), 1), n - 1) :]
         labels = rows["band_gap"].to_numpy()[train]
         outside = (got["predicted_gap"] < labels.min()) | (got["predicted_gap"] > labels.max())
