@@ -510,6 +510,9 @@ class ScreeningConfig(_Section):
     groups_per_pass: int = Field(
         8, ge=1, description="models trained, then screened together in one pass over the candidates"
     )
+    train_jobs: int = Field(
+        1, ge=1, description="screening models trained at once, one process each (1: in this process)"
+    )
     predict_unknown_elements: bool = Field(
         True,
         description="predict candidates with elements absent from a model's training set (False: no hit)",

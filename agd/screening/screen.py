@@ -28,6 +28,7 @@ Outputs in ``out_dir``: ``metrics.parquet`` (catalog table ``screening_metrics``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -590,6 +591,58 @@ def _prepare_group(
     return _Prepared(group, screener, fingerprint, info)
 
 
+def _prepare_item(
+    item: tuple[Group, pd.DataFrame, str], test: pd.DataFrame, cfg: ScreeningConfig
+) -> _Prepared:
+    """``_prepare_group`` of one (group, rows, fingerprint) item: what a worker process or Ray task runs."""
+    group, rows, fingerprint = item
+    return _prepare_group(group, rows, test, fingerprint, cfg, progress=False)
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _train_pass(
+    items: Sequence[tuple[Group, pd.DataFrame, str]],
+    test: pd.DataFrame,
+    cfg: ScreeningConfig,
+    progress: bool,
+    desc: str,
+    executor: Executor | None,
+    pool: Any = None,
+) -> list[_Prepared]:
+    """Train and score a pass's groups: in this process, in a process ``pool``, or as Ray tasks.
+
+    Each group's split and model are seeded by the group alone, so every way gives the same models.
+    """
+    if not is_local(executor):
+        return executor.map(_prepare_item, items, test, cfg, progress=progress, desc=desc)
+    if pool is None or len(items) <= 1:
+        return [
+            _prepare_group(group, rows, test, fingerprint, cfg, progress)
+            for group, rows, fingerprint in tqdm(items, desc=desc, disable=not progress)
+        ]
+    from itertools import repeat
+
+    results = pool.map(_prepare_item, items, repeat(test), repeat(cfg))  # in input order
+    return list(tqdm(results, total=len(items), desc=desc, disable=not progress))
+
+
+def _training_pool(cfg: ScreeningConfig, n_groups: int, executor: Executor | None) -> Any:
+    """A pool of ``train_jobs`` spawned processes for the whole stage, or None (train in this process)."""
+    jobs = min(cfg.train_jobs, n_groups)
+    if jobs <= 1 or not is_local(executor):
+        return None
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    # spawn, not fork: torch and fork do not mix
+    return ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_one_thread)
+
+
 def _screen_pass(
     prepared: list[_Prepared],
     screen: OracleScreen,
@@ -882,19 +935,24 @@ def run_screening_stage(
             _report_group(on_group, group, record)
     log.info("screening: %d groups, %d stored, %d to run", len(groups), len(records), len(todo))
     n_passes = math.ceil(len(todo) / cfg.groups_per_pass)
-    for p in range(n_passes):
-        batch = todo[p * cfg.groups_per_pass : (p + 1) * cfg.groups_per_pass]
-        ready = []
-        for group in tqdm(batch, desc=f"training pass {p + 1}/{n_passes}", disable=not progress):
-            rows = by_set[(group.experiment, group.repeat, group.training_set)]
-            ready.append(_prepare_group(group, rows, test, fingerprints[group], cfg, progress))
-        _screen_pass(
-            ready, screen, cfg, progress, desc=f"screening pass {p + 1}/{n_passes}", executor=executor
-        )
-        for item in ready:
-            records[item.group] = _store_group(groups_state, item, n_oracle)
-            _report_group(on_group, item.group, records[item.group])
-        del ready
+    pool = _training_pool(cfg, len(todo), executor)
+    with pool if pool is not None else contextlib.nullcontext():
+        for p in range(n_passes):
+            batch = todo[p * cfg.groups_per_pass : (p + 1) * cfg.groups_per_pass]
+            items = [
+                (group, by_set[(group.experiment, group.repeat, group.training_set)], fingerprints[group])
+                for group in batch
+            ]
+            ready = _train_pass(
+                items, test, cfg, progress, f"training pass {p + 1}/{n_passes}", executor, pool
+            )
+            _screen_pass(
+                ready, screen, cfg, progress, desc=f"screening pass {p + 1}/{n_passes}", executor=executor
+            )
+            for item in ready:
+                records[item.group] = _store_group(groups_state, item, n_oracle)
+                _report_group(on_group, item.group, records[item.group])
+            del ready
 
     # stored groups that are not part of this plan would only confuse a later reader of the state
     wanted = {g.name for g in groups}

@@ -262,6 +262,17 @@ def test_a_screener_flags_predictions_outside_its_label_range():
     ]  # fmt: skip
 
 
+def test_models_trained_in_worker_processes_give_the_same_tables(first, inputs, tmp_path):
+    """train_jobs: 2 trains a pass's groups in two spawned processes; the tables are those of one process."""
+    out = tmp_path / "two-jobs"
+    _run(inputs, out, TINY.model_copy(update={"train_jobs": 2}))
+    for name in ("metrics.parquet", "hits.parquet", "table1.parquet"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(first / name), pd.read_parquet(out / name), check_exact=True, obj=name
+        )
+    assert (first / "table1.md").read_text() == (out / "table1.md").read_text()
+
+
 def test_rerun_is_idempotent_and_reuses_every_group(first, inputs, tmp_path, monkeypatch):
     before = _outputs(first)
     copy = tmp_path / "out"
