@@ -24,6 +24,8 @@ from dashboard import ui  # noqa: E402
 st.set_page_config(page_title="agd dashboard", page_icon=":material/science:", layout="wide")
 
 status = ui.catalog_status()
+if status.ok:
+    ui.warm_mlflow(ui.settings().tracking_uri)
 run_status = st.Page("views/run_status.py", title="Run status", icon=":material/build:", url_path="status")
 if status.ok:
     pages = [

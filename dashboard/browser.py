@@ -26,14 +26,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"
 
-#: Page name -> (URL path, Playwright selector of what the page renders last). The default page lives at "/".
+#: Page name -> (URL path, Playwright selectors that must all be visible: the page's text and its drawn
+#: charts and tables). The default page lives at "/". A chart counts once its SVG or canvas exists (Plotly's
+#: ``.main-svg``, Vega-Lite's canvas), an interactive table once its grid canvas does.
+_PLOTLY = '[data-testid="stPlotlyChart"] .main-svg'
+_VEGA = '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg'
+_GRID = '[data-testid="stDataFrame"] canvas'
 PAGES = {
-    "experiments": ("", '[data-testid="stTable"] >> text=±'),
-    "campaigns": ("campaigns", "text=MLflow runs"),
-    "design_space": ("design_space", "text=active-learning samples"),
-    "candidates": ("candidates", "text=Candidate detail"),
-    "status": ("status", "text=Tracking URI"),
+    "experiments": ("", ('[data-testid="stTable"] >> text=±', _VEGA)),
+    "campaigns": ("campaigns", ("text=MLflow runs", _VEGA, _GRID)),
+    "design_space": ("design_space", ("text=active-learning samples", _VEGA)),
+    "candidates": ("candidates", ("text=Candidate detail", _GRID)),
+    "status": ("status", ("text=Tracking URI", _GRID)),
 }
+
+#: true once no chart or interactive table on the page is still waiting to be drawn
+_ALL_DRAWN = """() => {
+  const pending = (box, drawn) => Array.from(document.querySelectorAll(box)).some(e => !e.querySelector(drawn));
+  return !document.querySelector('[data-testid="stStatusWidget"]')
+    && !pending('[data-testid="stPlotlyChart"]', '.main-svg')
+    && !pending('[data-testid="stVegaLiteChart"]', 'canvas, svg')
+    && !pending('[data-testid="stDataFrame"]', 'canvas');
+}"""
 
 
 def find_chromium() -> str | None:
@@ -126,16 +140,23 @@ def chromium_page(width: int = 1400, height: int = 1600) -> Iterator:
             browser.close()
 
 
-def load_page(page, base_url: str, name: str, timeout_s: float = 120.0) -> float:
-    """Open one dashboard page and wait until it has rendered its data and finished running; seconds taken."""
+def load_page(page, base_url: str, name: str, timeout_s: float = 120.0, *, click: bool = False) -> float:
+    """Open one dashboard page and wait until its script has finished and its text, charts and tables are
+    drawn (every selector of :data:`PAGES`, then no chart or table left blank); seconds taken.
+
+    ``click``: go there by the sidebar's link, as a user moves between pages (Streamlit reruns the
+    script over its open connection; the browser keeps the chart code it has loaded), not by URL.
+    """
     path, ready = PAGES[name]
     start = time.perf_counter()
-    page.goto(f"{base_url}/{path}")
-    page.locator(ready).first.wait_for(state="visible", timeout=timeout_s * 1000)
-    # while a script runs Streamlit shows its status widget; the page is loaded once it is gone
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_s * 1000
-    )
+    if click:
+        page.locator(f'[data-testid="stSidebarNav"] a[href="{base_url}/{path}"]').first.click()
+    else:
+        page.goto(f"{base_url}/{path}")
+    for selector in ready:
+        page.locator(selector).first.wait_for(state="visible", timeout=timeout_s * 1000)
+    # while a script runs Streamlit shows its status widget; charts and grids draw after their data arrives
+    page.wait_for_function(_ALL_DRAWN, timeout=timeout_s * 1000)
     return time.perf_counter() - start
 
 
@@ -148,13 +169,36 @@ def screenshot(out: Path, name: str = "experiments", env: dict[str, str] | None 
     return out
 
 
-def measure_load_times(db: Path, repeats: int = 2) -> dict[str, list[float]]:
-    """Seconds to load each page on the catalog ``db`` (first load fills the caches, later ones reuse them)."""
-    times: dict[str, list[float]] = {}
-    with running_app({"AGD_CATALOG": str(db)}) as app, chromium_page() as page:
+def measure_load_times(db: Path, repeats: int = 2) -> dict[str, dict[str, list[float]]]:
+    """Seconds to load each page on the catalog ``db``, three ways, ``repeats`` times each, on one server
+    (its first loads fill the query caches):
+
+    * ``fresh browser``: a new Chromium (empty HTTP and code caches) opens the page's URL: a first visit;
+    * ``same browser, URL``: one Chromium opens each page's URL in turn (a reload with warm caches);
+    * ``sidebar click``: one Chromium opens the first page, then moves to each page by its sidebar link.
+    """
+    times: dict[str, dict[str, list[float]]] = {
+        "fresh browser": {},
+        "same browser, URL": {},
+        "sidebar click": {},
+    }
+    with running_app({"AGD_CATALOG": str(db)}) as app:
         for _ in range(repeats):
             for name in PAGES:
-                times.setdefault(name, []).append(load_page(page, app.url, name))
+                with chromium_page() as page:
+                    times["fresh browser"].setdefault(name, []).append(load_page(page, app.url, name))
+        with chromium_page() as page:
+            for _ in range(repeats):
+                for name in PAGES:
+                    times["same browser, URL"].setdefault(name, []).append(load_page(page, app.url, name))
+        with chromium_page() as page:
+            names = list(PAGES)
+            load_page(page, app.url, names[-1])
+            for _ in range(repeats):
+                for name in names:
+                    times["sidebar click"].setdefault(name, []).append(
+                        load_page(page, app.url, name, click=True)
+                    )
     return times
 
 
@@ -194,9 +238,10 @@ def _cmd_loadtime(args: argparse.Namespace) -> int:
         )
         counts = write_synthetic_catalog(db, folder / "parquet", tables, design_map=DesignMapConfig())
         print(f"built {db} in {time.perf_counter() - start:.1f} s: {counts}")
-    times = measure_load_times(db, repeats=args.repeats)
-    for path, seconds in times.items():
-        print(f"{path:14s} " + "  ".join(f"{s:6.2f} s" for s in seconds))
+    for way, pages in measure_load_times(db, repeats=args.repeats).items():
+        print(way)
+        for path, seconds in pages.items():
+            print(f"  {path:14s} " + "  ".join(f"{s:6.2f} s" for s in seconds))
     if args.screenshot:
         print(screenshot(Path(args.screenshot), "experiments", {"AGD_CATALOG": str(db)}))
     return 0

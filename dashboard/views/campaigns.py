@@ -1,11 +1,9 @@
 """Campaigns: per-round band gaps and best so far (Fig. 5a), the kappa sweep (Fig. 5b), valid decodes, MLflow runs."""
 
 import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 import streamlit as st
 
-from dashboard import data, ui
+from dashboard import charts, data, ui
 
 
 @st.cache_data(show_spinner=False, ttl=60)
@@ -36,24 +34,7 @@ repeat = right.selectbox("Repeat", repeats, key="camp_repeat")
 rounds = ui.query("round_summary", (experiment,))
 trace = rounds[(rounds["campaign"] == campaign) & (rounds["repeat"] == repeat)]
 samples = ui.query("sampled_gaps", campaign, int(repeat))
-figure = go.Figure()
-figure.add_trace(
-    go.Scatter(
-        x=samples["round"],
-        y=samples["band_gap"],
-        mode="markers",
-        name="sampled formulas",
-        text=samples["formula"],
-        marker={"size": 5, "opacity": 0.5},
-    )
-)
-figure.add_trace(
-    go.Scatter(x=trace["round"], y=trace["best_so_far"], mode="lines+markers", name="best so far")
-)
-figure.update_layout(
-    xaxis_title="round (0 = initial training samples)", yaxis_title="band gap (eV)", height=380
-)
-st.plotly_chart(figure, width="stretch", key="fig_5a")
+st.vega_lite_chart(*charts.round_trace_spec(samples, trace), width="stretch", key="fig_5a")
 st.dataframe(
     trace[
         ["round", "n_suggested", "n_valid", "valid_rate", "n_labelled", "mean_gap", "max_gap", "best_so_far"]
@@ -78,16 +59,15 @@ valid_rate = (  # per campaign: an experiment's Bayesian and random campaigns di
     .sum()
     .assign(valid_rate=lambda f: f["n_valid"] / f["n_suggested"])
 )
-st.plotly_chart(
-    px.line(
+st.vega_lite_chart(
+    *charts.line_spec(
         valid_rate,
         x="round",
         y="valid_rate",
         color="campaign",
-        markers=True,
-        labels={"valid_rate": "valid formulas / suggestions"},
-        height=320,
-    ).update_yaxes(tickformat=".0%", range=[0, 1.05]),
+        y_title="valid formulas / suggestions",
+        percent=True,
+    ),
     width="stretch",
     key="valid_rate_chart",
 )
@@ -124,15 +104,14 @@ else:
     found.index = [f"{k:g}" for k in found.index]
     found.index.name = "kappa"
     kappas["kappa"] = kappas["kappa"].map("{:g}".format)
-    st.plotly_chart(
-        px.line(
+    st.vega_lite_chart(
+        *charts.line_spec(
             kappas,
             x="round",
             y="cum_high",
             color="kappa",
-            category_orders={"kappa": list(found.index)},
-            markers=True,
-            labels={"cum_high": f"new formulas > {threshold:g} eV (cumulative, mean over repeats)"},
+            y_title=f"new formulas > {threshold:g} eV (cumulative, mean over repeats)",
+            color_order=list(found.index),
             height=360,
         ),
         width="stretch",

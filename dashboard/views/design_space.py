@@ -3,11 +3,10 @@
 from pathlib import Path
 
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
 from agd.tracking.design_map import embed_sample
-from dashboard import data, ui
+from dashboard import charts, data, ui
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -62,20 +61,7 @@ counts = points["sample"].value_counts()
 n_training = int(counts.get("training (round 0)", 0))
 n_active = int(counts.get("active learning", 0))
 st.markdown(f"**{n_training}** training samples (round 0) and **{n_active}** active-learning samples")
-figure = px.scatter(
-    points,
-    x="tsne_1",
-    y="tsne_2",
-    color="band_gap",
-    facet_col="sample",
-    category_orders={"sample": ["training (round 0)", "active learning"]},
-    color_continuous_scale="Viridis",
-    hover_data=["formula", "experiment", "repeat", "round"],
-    labels={"band_gap": "band gap (eV)", "tsne_1": "t-SNE 1", "tsne_2": "t-SNE 2"},
-    height=480,
-)
-figure.update_traces(marker={"size": 5, "opacity": 0.8})
-st.plotly_chart(figure, width="stretch", key="tsne")
+st.vega_lite_chart(*charts.design_map_spec(points), key="tsne")
 st.caption(
     "Points with a band-gap label, drawn with a seeded hash: up to half from round 0 and half from the suggestion rounds. "
     "One t-SNE embedding of both groups, so positions are comparable across the two panels."

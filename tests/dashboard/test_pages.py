@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import subprocess
@@ -17,18 +16,6 @@ from agd.tracking.catalog import TABLES, CatalogReader, build_catalog
 from tests.dashboard.conftest import make_app
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _values(array) -> np.ndarray:
-    """Numbers of a plotly JSON array, plain or base64-packed ({'dtype', 'bdata'})."""
-    if isinstance(array, dict):
-        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=np.dtype(array["dtype"]))
-    return np.asarray(array, dtype=float)
-
-
-def _chart(at, index: int) -> dict:
-    """The plotly figure of the index-th chart on the page."""
-    return json.loads(at.get("plotly_chart")[index].proto.spec)
 
 
 def _vega(at, index: int) -> tuple[dict, pd.DataFrame]:
@@ -147,10 +134,19 @@ def test_campaigns_rounds_sweep_and_valid_rate(app_env, fixture_tables):
     np.testing.assert_allclose(shown.valid_rate, expected.valid_rate)
     np.testing.assert_allclose(shown.best_so_far, expected.best_so_far)
     # Fig. 5a: the scatter holds every labelled sample of the repeat, the line is best so far
-    figure = _chart(at, 0)
+    spec, points = _vega(at, 0)
     labelled = al[(al.campaign == "Exp2-bo") & (al.repeat == 1) & al.label.notna()]
-    assert len(_values(figure["data"][0]["y"])) == len(labelled)
-    np.testing.assert_allclose(_values(figure["data"][1]["y"]), expected.best_so_far)
+    sampled, best = points[points.series == "sampled formulas"], points[points.series == "best so far"]
+    assert len(sampled) == len(labelled)
+    assert sorted(sampled.formula) == sorted(labelled.formula)
+    np.testing.assert_allclose(np.sort(sampled.band_gap), np.sort(labelled.label))
+    np.testing.assert_allclose(best.band_gap, expected.best_so_far)
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["circle", "line"]
+    # the valid-decode and kappa charts draw the same numbers as their tables
+    _, rate_points = _vega(at, 1)
+    per_campaign = rate_points.groupby("campaign").valid_rate.mean()
+    assert set(per_campaign.index) == set(al.loc[al["round"] >= 1, "campaign"])
+    assert not at.get("plotly_chart")  # Vega-Lite only: no 4.7 MB plotly bundle for the browser to load
 
     # valid rate per campaign over the suggestion rounds (an experiment's bo and random campaigns apart)
     rates = at.table[0].value
@@ -168,6 +164,11 @@ def test_campaigns_rounds_sweep_and_valid_rate(app_env, fixture_tables):
         _no_failure(at)
         table = at.dataframe[1].value
         expected_total = _expected_sweep(al, threshold)
+        _, sweep_points = _vega(at, 2)
+        last = sweep_points.sort_values("round").groupby("kappa").cum_high.last()
+        np.testing.assert_allclose(
+            last.rename(index=float).reindex(expected_total.index).to_numpy(), expected_total.to_numpy()
+        )
         assert [float(k) for k in table.index] == list(expected_total.index)
         np.testing.assert_allclose(table["total"].to_numpy(), expected_total.round(2).to_numpy(), atol=0.011)
     assert "No runs tagged" in " ".join(i.value for i in at.info) or "No MLflow store" in " ".join(
@@ -231,16 +232,20 @@ def test_design_space_counts_and_embedding(app_env, fixture_tables, monkeypatch)
     summary = at.dataframe[0].value
     assert summary.loc["training (round 0)", "count"] == n_training
     assert summary.loc["active learning", "count"] == n_active
-    figure = _chart(at, 0)
-    n_points = sum(len(_values(trace["x"])) for trace in figure["data"])
-    assert n_points == n_training + n_active
+    spec, shown = _vega(at, 0)
+    assert len(shown) == n_training + n_active
+    assert shown["sample"].value_counts().to_dict() == {
+        "training (round 0)": n_training,
+        "active learning": n_active,
+    }
+    assert spec["facet"]["column"]["field"] == "sample"
     # colour is the band gap of each point: the colour values are labels of the fixture
-    colours = np.concatenate([_values(trace["marker"]["color"]) for trace in figure["data"]])
-    assert set(np.round(colours, 3)) <= set(np.round(labelled.label, 3))
+    assert spec["spec"]["encoding"]["color"]["field"] == "band_gap"
+    assert set(np.round(shown.band_gap, 3)) <= set(np.round(labelled.label, 3))
     with CatalogReader(app_env) as reader:
         stored = reader.query("SELECT tsne_1 FROM design_map")
-    shown = np.concatenate([_values(trace["x"]) for trace in figure["data"]])
-    assert np.allclose(np.sort(shown), np.sort(stored["tsne_1"].to_numpy()))
+    assert np.allclose(np.sort(shown.tsne_1), np.sort(stored["tsne_1"].to_numpy()))
+    assert not at.get("plotly_chart")
 
     # other settings are embedded live; the cap applies per group
     monkeypatch.setattr(design_map, "embed_tsne", live_embedding)
