@@ -759,7 +759,9 @@ class BatchOptimizer:
         direction = rng.standard_normal((cfg.n_local, len(lo))) * (hi - lo)
         direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), np.finfo(float).tiny)
         low, high = np.log10(cfg.local_radius)
-        scale = gp.length_scale if cfg.local_scale is None else cfg.local_scale * float(np.linalg.norm(hi - lo))
+        scale = (
+            gp.length_scale if cfg.local_scale is None else cfg.local_scale * float(np.linalg.norm(hi - lo))
+        )
         radius = scale * 10.0 ** rng.uniform(low, high, size=(cfg.n_local, 1))
         radius = np.minimum(radius, np.linalg.norm(hi - lo))
         return np.vstack([uniform, np.clip(centres + radius * direction, lo, hi)])

@@ -517,7 +517,9 @@ def covering_box(bounds: np.ndarray, points: np.ndarray) -> np.ndarray:
         box[:, 1] = np.maximum(box[:, 1], points.max(axis=0))
         widened = int((box != bounds).any(axis=1).sum())
         if widened:
-            log.debug("search box widened in %d of %d dimensions to hold the initial samples", widened, len(box))
+            log.debug(
+                "search box widened in %d of %d dimensions to hold the initial samples", widened, len(box)
+            )
     return box
 
 

@@ -88,7 +88,11 @@ class Vocabulary:
     # persistence ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """JSON-ready description (element order and max count)."""
-        return {"format": "agd-composition-vocabulary/1", "elements": list(self.elements), "max_count": self.max_count}
+        return {
+            "format": "agd-composition-vocabulary/1",
+            "elements": list(self.elements),
+            "max_count": self.max_count,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Vocabulary:
@@ -167,7 +171,9 @@ class Vocabulary:
         if matrices.ndim == 2:
             matrices = matrices[None]
         if matrices.ndim != 3 or matrices.shape[1:] != self.shape:
-            raise EncodingError(f"expected matrices of shape (n, {self.shape[0]}, {self.shape[1]}), got {matrices.shape}")
+            raise EncodingError(
+                f"expected matrices of shape (n, {self.shape[0]}, {self.shape[1]}), got {matrices.shape}"
+            )
         return matrices
 
     def decode(self, matrices: np.ndarray, threshold: float = 0.5) -> DecodeResult:

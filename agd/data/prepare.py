@@ -65,11 +65,21 @@ def _validate_rows(raw: pd.DataFrame, rules: FormulaRules) -> tuple[pd.DataFrame
             continue
         if not np.isfinite(gap):
             original = raw["band_gap"].iloc[i]
-            shown = "missing" if original is None or (isinstance(original, float) and np.isnan(original)) else repr(original)
-            rejects.append(_reject(rows[i], text, gap, "validate", "bad_gap", f"band gap is not a finite number ({shown})"))
+            shown = (
+                "missing"
+                if original is None or (isinstance(original, float) and np.isnan(original))
+                else repr(original)
+            )
+            rejects.append(
+                _reject(
+                    rows[i], text, gap, "validate", "bad_gap", f"band gap is not a finite number ({shown})"
+                )
+            )
             continue
         if gap < 0:
-            rejects.append(_reject(rows[i], text, gap, "validate", "negative_gap", f"negative band gap {gap:g} eV"))
+            rejects.append(
+                _reject(rows[i], text, gap, "validate", "negative_gap", f"negative band gap {gap:g} eV")
+            )
             continue
         keep[i] = True
         keys[i] = reduced_formula(counts)
@@ -101,15 +111,27 @@ def _apply_filters(good: pd.DataFrame, cfg: PrepareConfig) -> tuple[pd.DataFrame
     f = cfg.filters
     checks: list[tuple[str, pd.Series, str]] = []
     if f.gap_positive_only:
-        checks.append(("gap_not_positive", good["band_gap"] <= 0, "band gap is 0 (metal) and gap_positive_only is set"))
+        checks.append(
+            ("gap_not_positive", good["band_gap"] <= 0, "band gap is 0 (metal) and gap_positive_only is set")
+        )
     if f.exclude_elements:
         excluded = set(f.exclude_elements)
         hit = good["reduced_formula"].map(lambda k: bool(excluded & set(_symbols(k))))
-        checks.append(("excluded_element", hit, f"contains an excluded element ({', '.join(sorted(excluded))})"))
+        checks.append(
+            ("excluded_element", hit, f"contains an excluded element ({', '.join(sorted(excluded))})")
+        )
     if f.max_elements is not None:
-        checks.append(("too_many_elements", good["n_elements"] > f.max_elements, f"more than {f.max_elements} elements"))
+        checks.append(
+            ("too_many_elements", good["n_elements"] > f.max_elements, f"more than {f.max_elements} elements")
+        )
     if f.max_atoms is not None:
-        checks.append(("too_many_atoms", good["n_atoms"] > f.max_atoms, f"more than {f.max_atoms} atoms per formula unit"))
+        checks.append(
+            (
+                "too_many_atoms",
+                good["n_atoms"] > f.max_atoms,
+                f"more than {f.max_atoms} atoms per formula unit",
+            )
+        )
     if f.max_atoms_per_element is not None:
         checks.append(
             (
@@ -148,7 +170,11 @@ def _deduplicate(good: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, str]:
     elif used == "lowest_formation_energy":
         # rows without an energy go last within their group; ties keep source order
         ordered = ordered.assign(_e=ordered["formation_energy_per_atom"].fillna(np.inf))
-        out = ordered.sort_values(["_e", "row"], kind="stable").drop_duplicates("reduced_formula").drop(columns="_e")
+        out = (
+            ordered.sort_values(["_e", "row"], kind="stable")
+            .drop_duplicates("reduced_formula")
+            .drop(columns="_e")
+        )
     elif used == "median_gap":
         median = ordered.groupby("reduced_formula", sort=False)["band_gap"].transform("median")
         # the representative row is the one whose gap is nearest the median; its gap becomes the median
@@ -230,7 +256,9 @@ def prepare_dataset(raw: pd.DataFrame, cfg: PrepareConfig) -> Prepared:
         "rows_out": int(len(dataset)),
         "split": {s: int((dataset["split"] == s).sum()) for s in ("train", "val", "test")},
         "n_elements": {str(k): int(v) for k, v in dataset["n_elements"].value_counts().sort_index().items()},
-        "elements": len(set().union(*(set(_symbols(k)) for k in dataset["reduced_formula"]))) if len(dataset) else 0,
+        "elements": len(set().union(*(set(_symbols(k)) for k in dataset["reduced_formula"])))
+        if len(dataset)
+        else 0,
         "band_gap": _gap_stats(dataset["band_gap"], cfg.histogram_bins),
     }
     return Prepared(dataset, rejects.reset_index(drop=True), summary)
