@@ -43,7 +43,12 @@ def round_trace_spec(samples: pd.DataFrame, trace: pd.DataFrame) -> tuple[pd.Dat
     )
     x = {"field": "round", "type": "quantitative", "title": "round (0 = initial training samples)"}
     y = {"field": "band_gap", "type": "quantitative", "title": "band gap (eV)"}
-    color = {"field": "series", "type": "nominal", "title": None, "sort": [SAMPLED, BEST]}
+    color = {
+        "field": "series",
+        "type": "nominal",
+        "title": None,
+        "scale": {"domain": [SAMPLED, BEST], "range": ["#4c78a8", "#e45756"]},  # blue points, red line
+    }
     spec = {
         "height": 360,
         "layer": [
