@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"
 
 #: Page name -> (URL path, Playwright selectors that must all be visible: the page's text and its drawn
-#: charts and tables). The default page lives at "/". A chart counts once its SVG or canvas exists (Plotly's
-#: ``.main-svg``, Vega-Lite's canvas), an interactive table once its grid canvas does.
-_PLOTLY = '[data-testid="stPlotlyChart"] .main-svg'
+#: charts and tables). The default page lives at "/". A chart counts once its canvas or SVG exists, an
+#: interactive table once its grid canvas does.
 _VEGA = '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg'
 _GRID = '[data-testid="stDataFrame"] canvas'
 PAGES = {
@@ -40,7 +39,7 @@ PAGES = {
     "status": ("status", ("text=Tracking URI", _GRID)),
 }
 
-#: true once no chart or interactive table on the page is still waiting to be drawn
+#: true once the script has finished and no chart (Plotly, Vega-Lite) or interactive table is left undrawn
 _ALL_DRAWN = """() => {
   const pending = (box, drawn) => Array.from(document.querySelectorAll(box)).some(e => !e.querySelector(drawn));
   return !document.querySelector('[data-testid="stStatusWidget"]')
