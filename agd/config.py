@@ -216,8 +216,16 @@ class AutoencoderConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="cosine: anneal the learning rate to 1% of its start over `epochs`"
     )
-    loss: Literal["bce", "categorical"] = Field(
-        "categorical", description="bce: sigmoid cells (the paper); categorical: softmax per element row"
+    loss: Literal["bce", "categorical", "ordinal"] = Field(
+        "categorical",
+        description=(
+            "bce: sigmoid cells (the paper); categorical: softmax per element row; "
+            "ordinal: one sigmoid per threshold count >= k"
+        ),
+    )
+    input_code: Literal["one_hot", "thermometer"] = Field(
+        "one_hot",
+        description="encoder input: the one-hot matrix (the paper) or thermometer rows (count >= k set)",
     )
     nonzero_weight: float = Field(1.0, gt=0, description="loss weight of the set cells of present elements")
     weight_decay: float = Field(0.05, ge=0, description="decoupled weight decay (AdamW)")
@@ -275,6 +283,28 @@ class GanConfig(_Section):
         0.0,
         ge=0,
         description="generator loss - this x output distance / noise distance of sample pairs (0: off)",
+    )
+    generator_design: Literal["matrix", "slots"] = Field(
+        "matrix",
+        description="matrix: one count draw per element row; slots: elements picked one after another "
+        "(each pick and its count conditioned on the earlier ones), up to `slots` elements",
+    )
+    slots: int = Field(5, ge=1, description="most elements a 'slots' generator picks")
+    min_slots: int = Field(
+        2, ge=1, description="fewest elements a 'slots' generator picks (2: no pure elements)"
+    )
+    relaxation: float = Field(
+        0.0,
+        ge=0,
+        description="'slots' only: straight-through gradient via the Gumbel-softmax at this temperature "
+        "(0: via the softmax probabilities)",
+    )
+    generator_ema: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="keep a running average of the generator weights with this decay per generator "
+        "step, and sample and save the average (0: off, the last weights)",
     )
     seed: int = 0
     device: str = "cpu"

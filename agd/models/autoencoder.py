@@ -78,20 +78,29 @@ class CompositionAutoencoder(nn.Module):
         latent_dim: int = 128,
         channels: Sequence[int] = (32, 64),
         output: str = "sigmoid",
+        input_code: str = "one_hot",
     ) -> None:
         super().__init__()
-        if output not in ("sigmoid", "softmax"):
-            raise ValueError(f"output must be 'sigmoid' or 'softmax', got {output!r}")
+        if output not in ("sigmoid", "softmax", "ordinal"):
+            raise ValueError(f"output must be 'sigmoid', 'softmax' or 'ordinal', got {output!r}")
+        if input_code not in ("one_hot", "thermometer"):
+            raise ValueError(f"input_code must be 'one_hot' or 'thermometer', got {input_code!r}")
         c1, c2 = channels
         self.n_elements = n_elements
         self.n_counts = n_counts
         self.latent_dim = latent_dim
         self.output = output
+        self.input_code = input_code
         self.encoder_convs = nn.Sequential(RowConv(n_counts, c1), nn.ReLU(), RowConv(c1, c2), nn.ReLU())
         self.encoder_fc = nn.Linear(c2 * n_elements, latent_dim)
         self.decoder_fc = nn.Linear(latent_dim, c2 * n_elements)
         self.decoder_convs = nn.Sequential(
-            nn.ReLU(), RowConv(c2, c2), nn.ReLU(), RowConv(c2, c1), nn.ReLU(), RowConv(c1, n_counts)
+            nn.ReLU(),
+            RowConv(c2, c2),
+            nn.ReLU(),
+            RowConv(c2, c1),
+            nn.ReLU(),
+            RowConv(c1, n_counts - 1 if output == "ordinal" else n_counts),
         )
         self._c2 = c2
 
@@ -99,24 +108,57 @@ class CompositionAutoencoder(nn.Module):
     def from_config(cls, vocab: Vocabulary, cfg: AutoencoderConfig) -> CompositionAutoencoder:
         """A fresh network shaped for ``vocab`` with the widths of ``cfg``."""
         n_elements, n_counts = vocab.shape
-        output = "softmax" if cfg.loss == "categorical" else "sigmoid"
-        return cls(n_elements, n_counts, cfg.latent_dim, cfg.channels, output)
+        output = {"categorical": "softmax", "ordinal": "ordinal"}.get(cfg.loss, "sigmoid")
+        return cls(n_elements, n_counts, cfg.latent_dim, cfg.channels, output, cfg.input_code)
+
+    def inputs(self, counts: torch.Tensor) -> torch.Tensor:
+        """Integer counts (n, elements) -> the encoder's input matrix (n, elements, counts).
+
+        ``one_hot``: the paper's matrix, one set cell per element row. ``thermometer``: column 0 is set
+        for absent elements and column k >= 1 for every count >= k, so neighbouring counts share cells.
+        """
+        if self.input_code == "one_hot":
+            return _one_hot(counts, self.n_counts)
+        levels = torch.arange(self.n_counts, device=counts.device)
+        code = counts.unsqueeze(-1) >= levels
+        code[..., 0] = counts == 0
+        return code.float()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Composition matrices (n, elements, counts) -> latent vectors (n, latent_dim)."""
+        """Encoder input matrices (n, elements, counts; see :meth:`inputs`) -> latent vectors (n, latent_dim)."""
         return self.encoder_fc(self.encoder_convs(x).flatten(1))
 
+    def encode_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Integer counts (n, elements) -> latent vectors (n, latent_dim)."""
+        return self.encode(self.inputs(counts))
+
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent vectors -> unnormalised scores (n, elements, counts)."""
+        """Latent vectors -> unnormalised scores (n, elements, counts); ordinal: (n, elements, counts - 1),
+        the logits of ``count >= k`` for k = 1..max_count."""
         return self.decoder_convs(self.decoder_fc(z).view(-1, self.n_elements, self._c2))
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scores of :meth:`decode_logits` -> probabilities (n, elements, counts).
+
+        Sigmoid per cell, softmax per element row, or (ordinal) the differences of the exceedance
+        probabilities ``P(count >= k)``, made non-increasing in k first so that every row sums to 1.
+        """
+        if self.output == "sigmoid":
+            return torch.sigmoid(logits)
+        if self.output == "softmax":
+            return torch.softmax(logits, dim=-1)
+        exceed = torch.cummin(torch.sigmoid(logits), dim=-1).values
+        ones = torch.ones_like(exceed[..., :1])
+        zeros = torch.zeros_like(exceed[..., :1])
+        upper = torch.cat([ones, exceed], dim=-1)
+        return upper - torch.cat([exceed, zeros], dim=-1)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent vectors -> probabilities (n, elements, counts): sigmoid per cell or softmax per element."""
-        logits = self.decode_logits(z)
-        return torch.sigmoid(logits) if self.output == "sigmoid" else torch.softmax(logits, dim=-1)
+        """Latent vectors -> probabilities (n, elements, counts) (see :meth:`probabilities`)."""
+        return self.probabilities(self.decode_logits(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction probabilities of composition matrices."""
+        """Reconstruction probabilities of encoder input matrices."""
         return self.decode(self.encode(x))
 
 
@@ -149,6 +191,16 @@ def _loss(
 ) -> torch.Tensor:
     """Mean loss of a batch; present elements' set cells weigh ``cfg.nonzero_weight`` (times ``by_count[k]``)."""
     n_counts = logits.shape[-1]
+    if cfg.loss == "ordinal":  # binary cross-entropy of every threshold ``count >= k``, k = 1..max_count
+        levels = torch.arange(1, n_counts + 1, device=counts.device)
+        exceed = (counts.unsqueeze(-1) >= levels).to(logits.dtype)
+        per_cell = F.binary_cross_entropy_with_logits(logits, exceed, reduction="none")
+        if cfg.nonzero_weight == 1.0 and by_count is None:
+            return per_cell.mean()
+        weight = torch.where(counts > 0, cfg.nonzero_weight, 1.0)
+        if by_count is not None:
+            weight = weight * by_count[counts]
+        return (per_cell * weight.unsqueeze(-1)).mean()
     if cfg.loss == "categorical":
         per_row = F.cross_entropy(logits.reshape(-1, n_counts), counts.reshape(-1), reduction="none")
         if cfg.nonzero_weight == 1.0 and by_count is None:
@@ -180,10 +232,10 @@ def _evaluate(
     total, decoded = 0.0, []
     for start in range(0, len(counts), _EVAL_BATCH):
         batch = counts[start : start + _EVAL_BATCH]
-        logits = model.decode_logits(model.encode(_one_hot(batch, model.n_counts)))
+        logits = model.decode_logits(model.encode_counts(batch))
         if cfg is not None:
             total += float(_loss(logits, batch, cfg)) * len(batch)
-        decoded.append(logits.argmax(dim=-1))
+        decoded.append(model.probabilities(logits).argmax(dim=-1))
     out = torch.cat(decoded) if decoded else counts.clone()
     return (total / max(len(counts), 1) if cfg is not None else float("nan")), out
 
@@ -259,7 +311,7 @@ def train_autoencoder(
         total = 0.0
         for i in range(0, len(train), cfg.batch_size):
             batch = train[order[i : i + cfg.batch_size]]
-            z = model.encode(_one_hot(batch, n_counts))
+            z = model.encode_counts(batch)
             if cfg.latent_noise > 0:  # a decoder robust to small latent moves generalises better
                 scale = z.detach().std(dim=0, keepdim=True) if len(z) > 1 else z.detach().abs()
                 z = z + cfg.latent_noise * scale * torch.randn(z.shape, generator=shuffle).to(device)
@@ -344,8 +396,7 @@ def encode_counts(model: CompositionAutoencoder, counts: np.ndarray) -> np.ndarr
     device = next(model.parameters()).device
     counts_t = torch.as_tensor(np.asarray(counts), dtype=torch.long, device=device)
     out = [
-        model.encode(_one_hot(counts_t[i : i + _EVAL_BATCH], model.n_counts)).cpu()
-        for i in range(0, len(counts_t), _EVAL_BATCH)
+        model.encode_counts(counts_t[i : i + _EVAL_BATCH]).cpu() for i in range(0, len(counts_t), _EVAL_BATCH)
     ]
     return torch.cat(out).numpy() if out else np.zeros((0, model.latent_dim), dtype=np.float32)
 

@@ -15,6 +15,11 @@ Two options aim at the per-element independence of the draws (measured trade-off
 ``entropy_weight`` adds the mean entropy of the generator's element rows to its loss, so that the input
 noise rather than the draws decides which elements are present; ``sample_temperature`` sharpens the
 draws when sampling (``probs ** (1 / T)``, 0: the most probable count), leaving training untouched.
+``generator_design: slots`` (:class:`SlotGenerator`) removes the independence instead: the generator
+picks up to ``slots`` elements one after another, each pick and its count conditioned on the noise and
+on the earlier picks, and assembles the same one-hot matrix for the critic. ``generator_ema`` samples
+and saves a running average of the generator's weights (its quality swings from epoch to epoch with
+``n_critic`` 2 without it). bench/studies/gan_study.py measures these designs.
 
 An epoch is one pass of the real data through the critic (``len(data) / batch_size / n_critic``
 generator steps). Sampling streams in chunks whose noise is seeded by (seed, chunk index), so any chunk
@@ -26,6 +31,7 @@ composition, the identity of a candidate: a reduced formula is in or out whichev
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -233,15 +239,137 @@ class Critic(nn.Module):
         return self.net(matrices.flatten(1)).squeeze(-1)
 
 
-def build_networks(cfg: GanConfig, vocab: Vocabulary) -> tuple[Generator, Critic]:
+class SlotGenerator(nn.Module):
+    """Noise -> a composition built one element at a time (``generator_design: slots``).
+
+    An MLP maps the noise to the state of a GRU cell. At each of ``slots`` steps the state gives logits
+    over the elements not yet picked plus "stop"; one is drawn, then the count 1..max_count of the
+    picked element is drawn from logits of the state and that element; the one-hot pick and count
+    update the state. "Stop" cannot be drawn before ``min_slots`` elements are picked, and after it
+    nothing more is added, so a sample holds ``min_slots``..``slots`` distinct elements. Every draw is
+    conditioned on the noise and on the earlier draws, so which elements go together, and in what
+    amounts, is learnt rather than drawn element by element.
+
+    The critic sees the same one-hot matrix as with :class:`Generator`. Every draw is Gumbel-max with a
+    straight-through gradient (one-hot forward, the gradient goes to the softmax it was drawn from).
+    (Drawing the number of elements first, from its own head, with each pick weighted by a
+    straight-through "k > t", collapsed to one or ``slots`` elements in our runs.)
+    """
+
+    output = "gumbel"
+
+    def __init__(
+        self,
+        noise_dim: int,
+        n_elements: int,
+        n_counts: int,
+        hidden: Sequence[int] = (256, 512),
+        slots: int = 5,
+        min_slots: int = 1,
+        sample_temperature: float = 1.0,
+        relaxation: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if sample_temperature < 0:
+            raise ValueError(f"sample_temperature must be >= 0, got {sample_temperature}")
+        if not 1 <= min_slots <= slots <= n_elements or n_counts < 2:
+            raise ValueError(
+                f"need 1 <= min_slots <= slots <= n_elements and n_counts >= 2, "
+                f"got {min_slots}, {slots}, {n_elements}, {n_counts}"
+            )
+        self.noise_dim, self.n_elements, self.n_counts = noise_dim, n_elements, n_counts
+        self.slots, self.min_slots = slots, min_slots
+        self.sample_temperature = sample_temperature
+        if relaxation < 0:
+            raise ValueError(f"relaxation must be >= 0, got {relaxation}")
+        #: > 0: the straight-through gradient goes to the Gumbel-softmax at this temperature instead
+        self.relaxation = relaxation
+        width = hidden[-1]
+        self.start = nn.Sequential(_mlp(noise_dim, hidden[:-1], width, nn.ReLU), nn.Tanh())
+        self.cell = nn.GRUCell(n_elements + 1 + n_counts - 1, width)
+        self.pick = nn.Linear(width, n_elements + 1)  # last column: stop
+        self.pick_embedding = nn.Linear(n_elements, width, bias=False)
+        self.count = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, n_counts - 1))
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        """Not defined: a slot generator's draws and probabilities cannot be separated; use :meth:`fake`."""
+        raise TypeError("a slot generator has no per-row probabilities; call fake(noise, rng)")
+
+    def fake(
+        self, noise: torch.Tensor, rng: torch.Generator | None = None, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """One-hot composition matrices (batch, n_elements, n_counts), straight-through.
+
+        ``temperature`` scales every draw's log-probabilities by ``1 / temperature`` (0: the most
+        probable pick and count at each step). The uniforms drawn do not depend on it.
+        """
+        batch, device = noise.shape[0], noise.device
+        n_el, n_c, slots = self.n_elements, self.n_counts, self.slots
+        uniform = torch.rand((batch, slots * (n_el + 1 + n_c - 1)), generator=rng).to(device)
+        gumbel = -(-uniform.clamp(1e-12, 1 - 1e-7).log()).log()
+        g_pick, g_count = gumbel.split([slots * (n_el + 1), slots * (n_c - 1)], dim=1)
+        g_pick, g_count = g_pick.view(batch, slots, n_el + 1), g_count.view(batch, slots, n_c - 1)
+        state = self.start(noise)
+        taken = torch.zeros(batch, n_el + 1, dtype=torch.bool, device=device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+        present = noise.new_zeros(batch, n_el, n_c - 1)
+        for step in range(slots):
+            # stopped rows may only stop again; the others pick an element not taken yet, or stop
+            closed = taken.clone()
+            closed[:, n_el] = step < self.min_slots
+            closed[stopped] = True
+            closed[stopped, n_el] = False
+            pick = self._draw(self.pick(state).masked_fill(closed, -1e9), g_pick[:, step], temperature)
+            element = pick[:, :n_el]
+            count = self._draw(
+                self.count(state + self.pick_embedding(element)), g_count[:, step], temperature
+            )
+            present = present + element.unsqueeze(-1) * count.unsqueeze(1)
+            hard = pick.detach() > 0.5
+            stopped = stopped | hard[:, n_el]
+            taken = taken | hard
+            if step + 1 < slots:
+                state = self.cell(torch.cat([pick, count], dim=1), state)
+        absent = 1 - present.sum(-1, keepdim=True)
+        return torch.cat([absent, present], dim=-1)
+
+    def _draw(self, logits: torch.Tensor, gumbel: torch.Tensor, temperature: float) -> torch.Tensor:
+        log_p = torch.log_softmax(logits, dim=-1)
+        if temperature > 0:
+            scores = (log_p if temperature == 1.0 else log_p / temperature) + gumbel
+        else:
+            scores = log_p
+        if self.relaxation > 0:
+            soft = torch.softmax((log_p + gumbel) / self.relaxation, dim=-1)
+        else:
+            soft = log_p.exp()
+        return _StraightThrough.apply(soft, scores.detach())
+
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal input noise (batch, noise_dim) on the module's device."""
+        device = next(self.parameters()).device
+        return torch.randn(n, self.noise_dim, generator=generator).to(device)
+
+
+def build_networks(cfg: GanConfig, vocab: Vocabulary) -> tuple[Generator | SlotGenerator, Critic]:
     """Untrained generator and critic for ``vocab``'s matrix shape."""
     n_elements, n_counts = vocab.shape
-    return (
-        Generator(
+    if cfg.generator_design == "slots":
+        generator: Generator | SlotGenerator = SlotGenerator(
+            cfg.noise_dim,
+            n_elements,
+            n_counts,
+            cfg.generator_hidden,
+            cfg.slots,
+            cfg.min_slots,
+            cfg.sample_temperature,
+            cfg.relaxation,
+        )
+    else:
+        generator = Generator(
             cfg.noise_dim, n_elements, n_counts, cfg.generator_hidden, cfg.output, cfg.sample_temperature
-        ),
-        Critic(n_elements, n_counts, cfg.critic_hidden),
-    )
+        )
+    return generator, Critic(n_elements, n_counts, cfg.critic_hidden)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +475,11 @@ def train_gan(
     ``cfg.quality_samples`` > 0, the :func:`sample_quality` figures of that many fixed-noise samples
     (novelty against ``known_formulas``, default the training compositions).
     """
+    slots = cfg.generator_design == "slots"
+    if slots and (cfg.entropy_weight > 0 or cfg.diversity_weight > 0):
+        raise ValueError(
+            "entropy_weight and diversity_weight act on element rows: not with generator_design slots"
+        )
     device = torch.device(cfg.device)
     counts = torch.as_tensor(vocab.counts_matrix(compositions), dtype=torch.long)
     n = len(counts)
@@ -359,6 +492,8 @@ def train_gan(
     generator.to(device)
     critic.to(device)
     rng = torch.Generator().manual_seed(cfg.seed)
+    # generator_ema: a running average of the generator's weights, what is sampled and returned
+    average = copy.deepcopy(generator).requires_grad_(False) if cfg.generator_ema > 0 else None
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.learning_rate, betas=cfg.betas)
     opt_c = torch.optim.Adam(critic.parameters(), lr=cfg.learning_rate, betas=cfg.betas)
     keys = set(known_formulas) if known_formulas is not None else {reduced_formula(c) for c in compositions}
@@ -372,7 +507,7 @@ def train_gan(
         if cfg.quality_samples <= 0:
             return {}
         q = sample_quality(
-            generator,
+            average if average is not None else generator,
             vocab,
             cfg.quality_samples,
             seed=cfg.seed,
@@ -438,8 +573,11 @@ def train_gan(
             c_steps += 1
             if (b + 1) % cfg.n_critic == 0:
                 noise = generator.noise(batch_size, rng)
-                probs = generator(noise)
-                g_loss = -critic(generator.draw(probs, rng)).mean()
+                if slots:
+                    g_loss = -critic(generator.fake(noise, rng)).mean()
+                else:
+                    probs = generator(noise)
+                    g_loss = -critic(generator.draw(probs, rng)).mean()
                 if cfg.entropy_weight > 0:
                     # confident rows make the input noise, not the per-element draws, carry the
                     # diversity, so an element's presence and count stay consistent with the rest
@@ -457,6 +595,10 @@ def train_gan(
                 opt_g.zero_grad(set_to_none=True)
                 g_loss.backward()
                 opt_g.step()
+                if average is not None:
+                    with torch.no_grad():
+                        for mean, current in zip(average.parameters(), generator.parameters(), strict=True):
+                            mean.lerp_(current, 1 - cfg.generator_ema)
                 sums["generator_loss"] += g_loss.item()
                 g_steps += 1
         per_g_step = ("generator_loss", "row_entropy", "diversity")
@@ -472,6 +614,8 @@ def train_gan(
             valid=f"{metrics.get('validity_rate', float('nan')):.2f}",
             refresh=False,
         )
+    if average is not None:
+        generator.load_state_dict(average.state_dict())
     generator.eval()
     critic.eval()
     return generator, critic, history
@@ -483,7 +627,7 @@ def train_gan(
 class GanBundle:
     """A trained GAN as saved by :func:`save_gan`."""
 
-    generator: Generator
+    generator: Generator | SlotGenerator
     critic: Critic
     vocab: Vocabulary
     config: GanConfig
@@ -493,7 +637,7 @@ class GanBundle:
 
 def save_gan(
     directory: str | os.PathLike,
-    generator: Generator,
+    generator: Generator | SlotGenerator,
     critic: Critic,
     vocab: Vocabulary,
     cfg: GanConfig,
@@ -576,7 +720,7 @@ def _chunk_rng(seed: int, chunk: int) -> torch.Generator:
 
 
 def _sample_chunk(
-    generator: Generator,
+    generator: Generator | SlotGenerator,
     vocab: Vocabulary,
     seed: int,
     chunk: int,
@@ -624,7 +768,7 @@ def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
 
 
 def sample_formulas(
-    generator: Generator,
+    generator: Generator | SlotGenerator,
     vocab: Vocabulary,
     n: int,
     seed: int = 0,
@@ -652,7 +796,7 @@ def _reduced_stats(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def sample_quality(
-    generator: Generator,
+    generator: Generator | SlotGenerator,
     vocab: Vocabulary,
     n: int,
     seed: int = 0,

@@ -292,3 +292,59 @@ def test_rare_count_weighting_and_latent_noise_train_deterministically(splits, v
         # the noise is for training only: evaluation of the returned model is deterministic
         again = reconstruction_metrics(a, val, vocab)
         assert again == reconstruction_metrics(a, val, vocab) == metrics_a["val"]
+
+
+def test_thermometer_inputs_and_ordinal_probabilities():
+    vocab = Vocabulary.from_symbols(["H", "O", "Na", "Cl", "Fe"], max_count=4)
+    counts = torch.tensor([[0, 0, 1, 1, 0], [0, 3, 0, 0, 2], [2, 1, 0, 0, 0]])
+    cfg = AutoencoderConfig(latent_dim=7, channels=[4, 6], loss="ordinal", input_code="thermometer")
+    model = CompositionAutoencoder.from_config(vocab, cfg)
+    assert model.output == "ordinal" and model.input_code == "thermometer"
+    x = model.inputs(counts)
+    # Fe2: absent column off, count >= 1 and >= 2 on; absent H: only column 0
+    assert x[1, 4].tolist() == [0, 1, 1, 0, 0] and x[0, 0].tolist() == [1, 0, 0, 0, 0]
+    assert torch.equal(x.sum(dim=-1), torch.where(counts > 0, counts, 1).float())
+    logits = model.decode_logits(model.encode_counts(counts))
+    assert logits.shape == (3, 5, 4)  # one threshold per count 1..4
+    # the probabilities sum to 1 per row even when the thresholds' sigmoids are not ordered
+    scores = torch.tensor([[[2.0, 3.0, -1.0, 0.5]]])
+    probs = model.probabilities(scores)
+    exceed = torch.sigmoid(torch.tensor([2.0, 2.0, -1.0, -1.0]))  # running minimum of the sigmoids
+    expected = torch.cat([1 - exceed[:1], exceed[:-1] - exceed[1:], exceed[-1:]])
+    assert torch.allclose(probs[0, 0], expected) and (probs >= 0).all()
+    assert torch.allclose(model.decode(model.encode_counts(counts)).sum(dim=-1), torch.ones(3, 5))
+    # the one-hot default is the paper's matrix
+    plain = CompositionAutoencoder.from_config(vocab, AutoencoderConfig(latent_dim=7, channels=[4, 6]))
+    assert torch.equal(plain.inputs(counts), torch.nn.functional.one_hot(counts, 5).float())
+
+
+def test_ordinal_loss_is_the_cross_entropy_of_every_threshold():
+    counts = torch.tensor([[0, 2, 1]])
+    logits = torch.randn(1, 3, 3, generator=torch.Generator().manual_seed(1))
+    exceed = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]])
+    cells = torch.nn.functional.binary_cross_entropy_with_logits(logits, exceed, reduction="none")
+    assert torch.allclose(_loss(logits, counts, AutoencoderConfig(loss="ordinal")), cells.mean())
+    weighted = _loss(logits, counts, AutoencoderConfig(loss="ordinal", nonzero_weight=3.0))
+    rows = torch.tensor([1.0, 3.0, 3.0]).view(1, 3, 1)
+    assert torch.allclose(weighted, (cells * rows).mean())
+
+
+def test_ordinal_thermometer_model_trains_saves_and_decodes_its_own_codes(splits, vocab, tmp_path):
+    cfg = TINY.model_copy(update={"loss": "ordinal", "input_code": "thermometer", "nonzero_weight": 1.0})
+    model, history, metrics = train_autoencoder(splits["train"], splits["val"], vocab, cfg)
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert metrics["train"]["exact"] > 0.1
+    assert reconstruction_metrics(model, splits["test"], vocab)["present_element_accuracy"] > 0.3
+    bounds = latent_bounds(model, splits["train"], vocab)
+    save_autoencoder(tmp_path, model, vocab, cfg, bounds, metrics, history)
+    loaded = load_autoencoder(tmp_path)
+    assert loaded.cfg.loss == "ordinal" and loaded.model.input_code == "thermometer"
+    formulas = [_formula(c) for c in splits["train"][:200]]
+    z = loaded.encode_formulas(formulas)
+    with torch.no_grad():
+        expected = model.encode(model.inputs(torch.as_tensor(vocab.counts_matrix(splits["train"][:200]))))
+    np.testing.assert_array_equal(z, expected.numpy())
+    # the campaigns' decode path (probabilities -> argmax per row) agrees with the training metrics
+    decoded = loaded.decode_latents(z).counts
+    right = (decoded == vocab.counts_matrix(splits["train"][:200])).all(axis=1).mean()
+    assert right == pytest.approx(reconstruction_metrics(model, splits["train"][:200], vocab)["exact"])

@@ -20,7 +20,9 @@ from agd.models.gan import (
     CANDIDATE_COLUMNS,
     Critic,
     Generator,
+    SlotGenerator,
     Trims,
+    _sample_chunk,
     build_networks,
     generate_candidates,
     load_gan,
@@ -338,3 +340,152 @@ def test_diversity_weight_spreads_the_outputs_of_different_noise(training):
     )
     assert "diversity" not in history_plain[-1] and history[-1]["diversity"] > 0
     assert spread(diverse) > 1.2 * spread(plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# generator_design: slots
+SLOTS = TINY.model_copy(update={"generator_design": "slots", "slots": 4})
+
+
+def test_default_design_is_the_element_row_generator(training):
+    _, vocab, _ = training
+    assert GanConfig().generator_design == "matrix"
+    generator, _ = build_networks(TINY, vocab)
+    assert type(generator) is Generator
+
+
+def test_slot_generator_builds_one_hot_compositions_of_1_to_slots_elements(training):
+    _, vocab, _ = training
+    generator, critic = build_networks(SLOTS, vocab)
+    assert isinstance(generator, SlotGenerator) and generator.slots == 4
+    rng = torch.Generator().manual_seed(0)
+    fake = generator.fake(generator.noise(400, rng), rng)
+    assert fake.shape == (400, *vocab.shape)
+    values = fake.detach()
+    assert set(values.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(values.sum(-1), torch.ones(400, vocab.shape[0]))
+    n_present = (values[:, :, 0] == 0).sum(1)
+    # min_slots = 2: never fewer than two elements; an untrained generator seldom stops early
+    assert n_present.min() >= 2 and n_present.max() <= 4
+    assert (n_present == 4).float().mean() > 0.8
+    critic(fake).sum().backward()  # straight-through: every part of the generator gets a gradient
+    for name, p in generator.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with pytest.raises(TypeError):
+        generator(generator.noise(2))
+
+
+def test_slot_generator_temperature_zero_ignores_the_draws(training):
+    _, vocab, _ = training
+    generator, _ = build_networks(SLOTS, vocab)
+    noise = generator.noise(64, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cold = [generator.fake(noise, torch.Generator().manual_seed(s), temperature=0.0) for s in (1, 2)]
+        warm = [generator.fake(noise, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    assert torch.equal(cold[0], cold[1]) and not torch.equal(warm[0], warm[1])
+
+
+@pytest.fixture(scope="module")
+def trained_slots(training):
+    compositions, vocab, known = training
+    cfg = SLOTS.model_copy(update={"epochs": 25, "n_critic": 2})
+    return train_gan(compositions, vocab, cfg, known_formulas=known, progress=False)
+
+
+def test_slot_training_is_deterministic_and_round_trips(trained_slots, training, tmp_path):
+    compositions, vocab, known = training
+    generator, critic, history = trained_slots
+    cfg = SLOTS.model_copy(update={"epochs": 1})
+    a = train_gan(compositions[:500], vocab, cfg, progress=False)[0]
+    b = train_gan(compositions[:500], vocab, cfg, progress=False)[0]
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key])
+    first = pd.concat(sample_formulas(generator, vocab, 1500, seed=7, chunk_size=600), ignore_index=True)
+    # the second chunk drawn on its own (as a resumed generate stage does) is the same
+    alone = _sample_chunk(generator, vocab, 7, 1, 600, 600)
+    pd.testing.assert_frame_equal(first.iloc[600:1200].reset_index(drop=True), alone)
+    bundle = load_gan(save_gan(tmp_path / "gan", generator, critic, vocab, SLOTS, history, known))
+    assert isinstance(bundle.generator, SlotGenerator) and bundle.config.generator_design == "slots"
+    loaded = pd.concat(
+        sample_formulas(bundle.generator, bundle.vocab, 1500, seed=7, chunk_size=600), ignore_index=True
+    )
+    pd.testing.assert_frame_equal(first, loaded)
+    assert first["formula"].notna().all() and first["n_elements"].between(2, 4).all()
+
+
+def test_slot_training_learns_the_data_sizes_and_beats_the_untrained_generator(trained_slots, training):
+    compositions, vocab, known = training
+    generator, _, history = trained_slots
+    untrained, _ = build_networks(SLOTS, vocab)
+    before = pd.concat(sample_formulas(untrained, vocab, 2000, seed=3))
+    after = pd.concat(sample_formulas(generator, vocab, 2000, seed=3))
+    sizes = np.arange(1, 6)
+
+    def size_shares(n_elements) -> np.ndarray:
+        return np.array([(np.asarray(n_elements) == k).mean() for k in sizes])
+
+    data = size_shares([len(c) for c in compositions])
+    gap_before = 0.5 * np.abs(size_shares(before["n_elements"]) - data).sum()
+    gap_after = 0.5 * np.abs(size_shares(after["n_elements"]) - data).sum()
+    # the number of elements is learnt: its distribution moves toward the data's (total variation)
+    assert data[0] == 0 and gap_after < 0.75 * gap_before
+    q_before = sample_quality(untrained, vocab, 2000, seed=3, known_formulas=known)
+    q_after = sample_quality(generator, vocab, 2000, seed=3, known_formulas=known)
+    assert q_after["validity_rate"] > q_before["validity_rate"] + 0.1
+    assert q_after["decodable_rate"] == 1.0 and q_after["novelty"] > 0.5
+
+
+def test_slot_design_refuses_the_element_row_losses(training):
+    compositions, vocab, _ = training
+    for key in ("entropy_weight", "diversity_weight"):
+        with pytest.raises(ValueError, match="slots"):
+            train_gan(compositions[:200], vocab, SLOTS.model_copy(update={key: 1.0}), progress=False)
+
+
+def test_slot_options_min_slots_and_relaxation(training):
+    _, vocab, _ = training
+    n_elements, n_counts = vocab.shape
+    with pytest.raises(ValueError, match="min_slots"):
+        SlotGenerator(4, n_elements, n_counts, hidden=[8], slots=2, min_slots=3)
+    torch.manual_seed(0)
+    one = SlotGenerator(4, n_elements, n_counts, hidden=[8], slots=3, min_slots=1)
+    with torch.no_grad():  # make "stop" the likeliest pick: with min_slots 1 most samples hold one element
+        one.pick.bias[-1] = 20.0
+    rng = torch.Generator().manual_seed(0)
+    sizes = (one.fake(one.noise(200, rng), rng).detach()[:, :, 0] == 0).sum(1)
+    assert (sizes == 1).all()
+    # relaxation changes the gradient only: same draws, other gradients
+    relaxed = SlotGenerator(4, n_elements, n_counts, hidden=[8], slots=3, relaxation=0.5)
+    plain = SlotGenerator(4, n_elements, n_counts, hidden=[8], slots=3)
+    plain.load_state_dict(relaxed.state_dict())
+    critic = Critic(n_elements, n_counts, [8])
+    grads = []
+    outputs = []
+    for generator in (relaxed, plain):
+        rng = torch.Generator().manual_seed(1)
+        fake = generator.fake(generator.noise(64, rng), rng)
+        critic(fake).sum().backward()
+        outputs.append(fake.detach())
+        grads.append(generator.pick.weight.grad.clone())
+    assert torch.equal(outputs[0], outputs[1]) and not torch.allclose(grads[0], grads[1])
+
+
+def test_generator_ema_returns_the_averaged_weights_without_changing_training(training):
+    compositions, vocab, _ = training
+    cfg = SLOTS.model_copy(update={"epochs": 2})
+    _, critic, _ = plain = train_gan(compositions[:600], vocab, cfg, progress=False)
+    averaged = train_gan(
+        compositions[:600], vocab, cfg.model_copy(update={"generator_ema": 0.9}), progress=False
+    )
+    # the average is only read: the training run (and so the critic) is the same
+    for key, value in critic.state_dict().items():
+        assert torch.equal(value, averaged[1].state_dict()[key])
+    assert any(
+        not torch.equal(value, averaged[0].state_dict()[key]) for key, value in plain[0].state_dict().items()
+    )
+    # a decay of ~0 follows the last weights
+    follow = train_gan(
+        compositions[:600], vocab, cfg.model_copy(update={"generator_ema": 1e-9}), progress=False
+    )
+    for key, value in plain[0].state_dict().items():
+        assert torch.allclose(value, follow[0].state_dict()[key], atol=1e-6)
