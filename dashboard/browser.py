@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +33,17 @@ _VEGA = '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"]
 _GRID = '[data-testid="stDataFrame"] canvas'
 PAGES = {
     "experiments": ("", ('[data-testid="stTable"] >> text=±', _VEGA)),
-    "campaigns": ("campaigns", ("text=MLflow runs", _VEGA, _GRID)),
+    "campaigns": ("campaigns", ('[role="tab"] >> text=MLflow runs', _VEGA, _GRID)),
     "design_space": ("design_space", ("text=active-learning samples", _VEGA)),
     "candidates": ("candidates", ("text=Candidate detail", _GRID)),
     "status": ("status", ("text=Tracking URI", _GRID)),
+}
+
+#: The Campaigns page's other tabs (computed only when opened) -> selectors that show it is drawn.
+CAMPAIGN_TABS = {
+    "Valid decodes": ('[data-testid="stTable"] >> text=valid rate', _VEGA),
+    "Kappa sweep (Fig. 5b)": ("text=New formulas above", _VEGA, _GRID),
+    "MLflow runs": ('[data-testid="stCaptionContainer"] >> text=Links open, [data-testid="stAlert"]',),
 }
 
 #: true once the script has finished and no chart (Plotly, Vega-Lite) or interactive table is left undrawn
@@ -159,6 +166,16 @@ def load_page(page, base_url: str, name: str, timeout_s: float = 120.0, *, click
     return time.perf_counter() - start
 
 
+def open_tab(page, label: str, ready: Sequence[str], timeout_s: float = 120.0) -> float:
+    """Click the tab ``label`` on the open page and wait until its content is drawn; seconds taken."""
+    start = time.perf_counter()
+    page.locator(f'[role="tab"] >> text="{label}"').first.click()
+    for selector in ready:
+        page.locator(selector).first.wait_for(state="visible", timeout=timeout_s * 1000)
+    page.wait_for_function(_ALL_DRAWN, timeout=timeout_s * 1000)
+    return time.perf_counter() - start
+
+
 def screenshot(out: Path, name: str = "experiments", env: dict[str, str] | None = None) -> Path:
     """Start the app, open one page and save a full-page screenshot to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,12 +191,14 @@ def measure_load_times(db: Path, repeats: int = 2) -> dict[str, dict[str, list[f
 
     * ``fresh browser``: a new Chromium (empty HTTP and code caches) opens the page's URL: a first visit;
     * ``same browser, URL``: one Chromium opens each page's URL in turn (a reload with warm caches);
-    * ``sidebar click``: one Chromium opens the first page, then moves to each page by its sidebar link.
+    * ``sidebar click``: one Chromium opens the first page, then moves to each page by its sidebar link;
+    * ``campaigns tab``: one Chromium opens the Campaigns page, then each of its other tabs in turn.
     """
     times: dict[str, dict[str, list[float]]] = {
         "fresh browser": {},
         "same browser, URL": {},
         "sidebar click": {},
+        "campaigns tab": {},
     }
     with running_app({"AGD_CATALOG": str(db)}) as app:
         for _ in range(repeats):
@@ -198,6 +217,11 @@ def measure_load_times(db: Path, repeats: int = 2) -> dict[str, dict[str, list[f
                     times["sidebar click"].setdefault(name, []).append(
                         load_page(page, app.url, name, click=True)
                     )
+        with chromium_page() as page:
+            for _ in range(repeats):
+                load_page(page, app.url, "campaigns")
+                for label, ready in CAMPAIGN_TABS.items():
+                    times["campaigns tab"].setdefault(label, []).append(open_tab(page, label, ready))
     return times
 
 
@@ -240,7 +264,7 @@ def _cmd_loadtime(args: argparse.Namespace) -> int:
     for way, pages in measure_load_times(db, repeats=args.repeats).items():
         print(way)
         for path, seconds in pages.items():
-            print(f"  {path:14s} " + "  ".join(f"{s:6.2f} s" for s in seconds))
+            print(f"  {path:22s} " + "  ".join(f"{s:6.2f} s" for s in seconds))
     if args.screenshot:
         print(screenshot(Path(args.screenshot), "experiments", {"AGD_CATALOG": str(db)}))
     return 0

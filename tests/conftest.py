@@ -62,9 +62,10 @@ def campaign_models(shared_data, tmp_path_factory) -> CampaignModels:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = AutoencoderConfig(
+        cfg = AutoencoderConfig(  # params.yaml's loss and input code
             latent_dim=16, channels=[16, 32], epochs=25, batch_size=64, learning_rate=1e-2,
-            lr_schedule="constant", loss="categorical", nonzero_weight=10, weight_decay=0.0, patience=None,
+            lr_schedule="constant", loss="ordinal", input_code="thermometer", nonzero_weight=10,
+            weight_decay=0.0, patience=None,
         )  # fmt: skip
         run_autoencoder_stage(prepared, root / "autoencoder", EncodingConfig(max_count=20), cfg)
     finally:

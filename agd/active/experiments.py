@@ -277,7 +277,11 @@ def run_experiments(
     prepared_path = Path(prepared_path)
     prepared = pd.read_parquet(prepared_path, columns=["reduced_formula", "band_gap", "split"])
     planned = plan_campaigns(cfg, only, repeats)
-    initials = {(p.setup.name, p.spec.repeat): draw_initial(prepared, p.setup, p.spec.seed) for p in planned}
+    initials: dict[tuple[str, int], pd.DataFrame] = {}
+    for p in planned:  # a repeat's bo, random and kappa campaigns share one draw (same seed)
+        key = (p.setup.name, p.spec.repeat)
+        if key not in initials:
+            initials[key] = draw_initial(prepared, p.setup, p.spec.seed)
     models = _load_models(Path(autoencoder_dir), Path(oracle_dir), params)
     tags = {"dataset_version": _file_md5(prepared_path), "model": getattr(models.oracle, "name", "oracle")}
     tracking = _Tracking(params, cfg, tags) if track else None

@@ -457,6 +457,7 @@ def run_energy_stage(
     from agd.structures.templates import read_template_table
 
     out, work_dir = Path(out), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)  # a stage output, even when there is nothing to relax
     structures = pd.read_parquet(structures_path)
     tables = [read_template_table(s) for s in template_sources if Path(s).is_file()]
     known = known_elemental_structures(pd.concat(tables, ignore_index=True) if tables else None)

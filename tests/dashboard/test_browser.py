@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from dashboard.browser import chromium_page, find_chromium, load_page, running_app
+from dashboard.browser import CAMPAIGN_TABS, chromium_page, find_chromium, load_page, open_tab, running_app
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,6 +38,13 @@ def test_experiments_page_in_chromium(fixture_catalog, fixture_tables, tmp_path)
         screenshot = tmp_path / "artifacts" / "dashboard.png"
         screenshot.parent.mkdir()
         page.screenshot(path=str(screenshot), full_page=True)
+        # Campaigns draws only its open tab; another tab's chart and table appear once it is clicked
+        load_page(page, app.url, "campaigns")
+        first_tab = page.inner_text("body")
+        open_tab(page, "Kappa sweep (Fig. 5b)", CAMPAIGN_TABS["Kappa sweep (Fig. 5b)"])
+        sweep_tab = page.inner_text("body")
+    assert "Band-gap threshold" not in first_tab and "best so far" in first_tab.lower()
+    assert "Band-gap threshold" in sweep_tab and "New formulas above 6 eV" in sweep_tab
     assert "Experiments: screening performance (Table 1)" in body
     for value in expected:
         assert value in body, value

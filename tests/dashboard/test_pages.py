@@ -142,8 +142,21 @@ def test_campaigns_rounds_sweep_and_valid_rate(app_env, fixture_tables):
     np.testing.assert_allclose(np.sort(sampled.band_gap), np.sort(labelled.label))
     np.testing.assert_allclose(best.band_gap, expected.best_so_far)
     assert [layer["mark"]["type"] for layer in spec["layer"]] == ["circle", "line"]
-    # the valid-decode and kappa charts draw the same numbers as their tables
-    _, rate_points = _vega(at, 1)
+    # only the open tab is computed and drawn
+    assert [t.label for t in at.tabs] == [
+        "Rounds (Fig. 5a)",
+        "Valid decodes",
+        "Kappa sweep (Fig. 5b)",
+        "MLflow runs",
+    ]
+    assert len(at.get("vega_lite_chart")) == 1 and len(at.dataframe) == 1 and not at.table
+
+    # the valid-decode chart draws the same numbers as its table
+    at.session_state["camp_tab"] = "Valid decodes"
+    at.run()
+    _no_failure(at)
+    assert len(at.get("vega_lite_chart")) == 1 and not at.dataframe
+    _, rate_points = _vega(at, 0)
     per_campaign = rate_points.groupby("campaign").valid_rate.mean()
     assert set(per_campaign.index) == set(al.loc[al["round"] >= 1, "campaign"])
     assert not at.get("plotly_chart")  # Vega-Lite only: no 4.7 MB plotly bundle for the browser to load
@@ -158,19 +171,25 @@ def test_campaigns_rounds_sweep_and_valid_rate(app_env, fixture_tables):
         assert rates.loc[campaign, "valid rate"] == f"{(rows.valid == True).mean():.1%}"  # noqa: E712
 
     # the kappa sweep table, at the default 6 eV and at a selected threshold
+    at.session_state["camp_tab"] = "Kappa sweep (Fig. 5b)"
+    at.run()
+    _no_failure(at)
     assert at.selectbox(key="sweep_experiment").value == "kappa"
     for threshold in (6.0, 3.0):
         at.number_input(key="sweep_threshold").set_value(threshold).run()
         _no_failure(at)
-        table = at.dataframe[1].value
+        table = at.dataframe[0].value
         expected_total = _expected_sweep(al, threshold)
-        _, sweep_points = _vega(at, 2)
+        _, sweep_points = _vega(at, 0)
         last = sweep_points.sort_values("round").groupby("kappa").cum_high.last()
         np.testing.assert_allclose(
             last.rename(index=float).reindex(expected_total.index).to_numpy(), expected_total.to_numpy()
         )
         assert [float(k) for k in table.index] == list(expected_total.index)
         np.testing.assert_allclose(table["total"].to_numpy(), expected_total.round(2).to_numpy(), atol=0.011)
+    at.session_state["camp_tab"] = "MLflow runs"
+    at.run()
+    _no_failure(at)
     assert "No runs tagged" in " ".join(i.value for i in at.info) or "No MLflow store" in " ".join(
         i.value for i in at.info
     )
@@ -199,6 +218,8 @@ def test_campaigns_link_mlflow_runs(app_env, tmp_path, monkeypatch):
 
     at = make_app().run()
     at.switch_page("views/campaigns.py").run()
+    at.session_state["camp_tab"] = "MLflow runs"
+    at.run()
     _no_failure(at)
     runs = at.dataframe[-1].value
     assert sorted(runs["run_name"]) == ["Exp2-r0", "Exp2-r1"]

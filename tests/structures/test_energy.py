@@ -155,3 +155,17 @@ def test_collapsing_or_overlapping_cells_stop_with_a_status(relaxer):
     overlap = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.05, 0, 0]])
     result = relaxer.relax(overlap)
     assert result.status == UNPHYSICAL and "apart" in result.message
+
+
+def test_energy_stage_with_nothing_to_relax_still_writes_its_outputs(tmp_path):
+    """No hit found a template: an empty energies table and the work folder (a DVC output) still appear."""
+    from agd.structures.energy import run_energy_stage
+
+    structures = _structures_table().iloc[[3]]  # no_template only: CHGNet is never loaded
+    structures.to_parquet(tmp_path / "structures.parquet")
+    work = tmp_path / "energy_work"
+    metrics = run_energy_stage(tmp_path / "structures.parquet", tmp_path / "energies.parquet", CFG, work)
+    assert work.is_dir() and not (work / "progress.jsonl").exists()
+    table = pd.read_parquet(tmp_path / "energies.parquet")
+    assert table["status"].tolist() == ["no_template"] and not table["keep"].any()
+    assert metrics["n_relaxed"] == 0
