@@ -43,7 +43,7 @@ PAGES = {
 CAMPAIGN_TABS = {
     "Valid decodes": ('[data-testid="stTable"] >> text=valid rate', _VEGA),
     "Kappa sweep (Fig. 5b)": ("text=New formulas above", _VEGA, _GRID),
-    "MLflow runs": ('[data-testid="stCaptionContainer"] >> text=Links open, [data-testid="stAlert"]',),
+    "MLflow runs": ('[data-testid="stCaptionContainer"]:has-text("Links open"), [data-testid="stAlert"]',),
 }
 
 #: true once the script has finished and no chart (Plotly, Vega-Lite) or interactive table is left undrawn
