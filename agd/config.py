@@ -293,6 +293,12 @@ class GanConfig(_Section):
     min_slots: int = Field(
         2, ge=1, description="fewest elements a 'slots' generator picks (2: no pure elements)"
     )
+    charge_guide: Literal["off", "input", "mask"] = Field(
+        "off",
+        description="'slots' only: input: the generator sees which total charges its picks can reach "
+        "(the validity check's oxidation states) and learns a bonus for neutralising picks; mask: also "
+        "stops only when charge neutral, and its last pick must neutralise where one can",
+    )
     relaxation: float = Field(
         0.0,
         ge=0,
@@ -308,6 +314,12 @@ class GanConfig(_Section):
     )
     seed: int = 0
     device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _guide_needs_slots(self) -> GanConfig:
+        if self.charge_guide != "off" and self.generator_design != "slots":
+            raise ValueError("charge_guide works on the slots generator: set generator_design: slots")
+        return self
 
 
 class GenerateConfig(_Section):

@@ -445,6 +445,10 @@ class ValidityChecker:
                 reason += f" ({missing})"
         return cn, eb, False, reason
 
+    def element(self, symbol: str) -> ElementData:
+        """smact's data for one element as the checks use it (this checker's oxidation-state set)."""
+        return self._element(symbol)
+
     def _element(self, symbol: str) -> ElementData:
         data = self._elements.get(symbol)
         if data is None:

@@ -268,10 +268,14 @@ class SlotGenerator(nn.Module):
         min_slots: int = 1,
         sample_temperature: float = 1.0,
         relaxation: float = 0.0,
+        charge_guide: str = "off",
+        oxidation_states: Sequence[Sequence[int] | None] | None = None,
     ) -> None:
         super().__init__()
         if sample_temperature < 0:
             raise ValueError(f"sample_temperature must be >= 0, got {sample_temperature}")
+        if charge_guide not in ("off", "input", "mask"):
+            raise ValueError(f"unknown charge_guide {charge_guide!r}: choose off, input or mask")
         if not 1 <= min_slots <= slots <= n_elements or n_counts < 2:
             raise ValueError(
                 f"need 1 <= min_slots <= slots <= n_elements and n_counts >= 2, "
@@ -284,9 +288,25 @@ class SlotGenerator(nn.Module):
             raise ValueError(f"relaxation must be >= 0, got {relaxation}")
         #: > 0: the straight-through gradient goes to the Gumbel-softmax at this temperature instead
         self.relaxation = relaxation
+        #: "input": the GRU sees which total charges the picks so far can reach, and each pick and count
+        #: head gets a learnt bonus for the choices that would make the composition charge neutral;
+        #: "mask": that too, and the composition must be neutral to stop (:class:`_ChargeTracker`)
+        self.charge_guide = charge_guide
         width = hidden[-1]
+        guide_inputs = 0
+        if charge_guide != "off":
+            if oxidation_states is None or len(oxidation_states) != n_elements:
+                raise ValueError(
+                    f"charge_guide {charge_guide!r} needs the oxidation states of all {n_elements} elements"
+                )
+            states, known = _state_table(oxidation_states)
+            # saved with the weights, so a loaded generator keeps the chemistry it was trained with
+            self.register_buffer("oxidation_states", states)
+            self.register_buffer("has_state", known)
+            guide_inputs = 2 * _CHARGE_WINDOW + 1
+            self.completion_weight = nn.Parameter(torch.zeros(2))  # pick bonus, count bonus
         self.start = nn.Sequential(_mlp(noise_dim, hidden[:-1], width, nn.ReLU), nn.Tanh())
-        self.cell = nn.GRUCell(n_elements + 1 + n_counts - 1, width)
+        self.cell = nn.GRUCell(n_elements + 1 + n_counts - 1 + guide_inputs, width)
         self.pick = nn.Linear(width, n_elements + 1)  # last column: stop
         self.pick_embedding = nn.Linear(n_elements, width, bias=False)
         self.count = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, n_counts - 1))
@@ -313,23 +333,51 @@ class SlotGenerator(nn.Module):
         taken = torch.zeros(batch, n_el + 1, dtype=torch.bool, device=device)
         stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         present = noise.new_zeros(batch, n_el, n_c - 1)
+        guide = (
+            _ChargeTracker(self.oxidation_states, self.has_state, n_c - 1, slots, batch)
+            if self.charge_guide != "off"
+            else None
+        )
         for step in range(slots):
             # stopped rows may only stop again; the others pick an element not taken yet, or stop
             closed = taken.clone()
             closed[:, n_el] = step < self.min_slots
+            pick_logits = self.pick(state)
+            if guide is not None:
+                completes = guide.completions()  # (batch, n_el, n_c - 1): that element and count neutralise
+                pick_logits = pick_logits + self.completion_weight[0] * nn.functional.pad(
+                    completes.any(-1).to(pick_logits.dtype), (0, 1)
+                )
+                if self.charge_guide == "mask":
+                    # stop only when neutral; the last pick must make it neutral where some pick can
+                    closed[:, n_el] |= ~guide.neutral()
+                    if step == slots - 1:
+                        fixable = completes.any(-1) & ~taken[:, :n_el]
+                        closed[:, :n_el] |= ~fixable & fixable.any(-1, keepdim=True)
             closed[stopped] = True
             closed[stopped, n_el] = False
-            pick = self._draw(self.pick(state).masked_fill(closed, -1e9), g_pick[:, step], temperature)
+            pick = self._draw(pick_logits.masked_fill(closed, -1e9), g_pick[:, step], temperature)
             element = pick[:, :n_el]
-            count = self._draw(
-                self.count(state + self.pick_embedding(element)), g_count[:, step], temperature
-            )
+            count_logits = self.count(state + self.pick_embedding(element))
+            if guide is not None:
+                picked = element.detach().argmax(-1)
+                completing = completes[torch.arange(batch, device=device), picked]  # (batch, n_c - 1)
+                count_logits = count_logits + self.completion_weight[1] * completing.to(count_logits.dtype)
+                if self.charge_guide == "mask" and step == slots - 1:
+                    count_logits = count_logits.masked_fill(
+                        ~completing & completing.any(-1, keepdim=True), -1e9
+                    )
+            count = self._draw(count_logits, g_count[:, step], temperature)
             present = present + element.unsqueeze(-1) * count.unsqueeze(1)
             hard = pick.detach() > 0.5
+            if guide is not None:
+                adds = hard[:, :n_el].any(-1)
+                guide.add(picked, count.detach().argmax(-1) + 1, adds)
             stopped = stopped | hard[:, n_el]
             taken = taken | hard
             if step + 1 < slots:
-                state = self.cell(torch.cat([pick, count], dim=1), state)
+                inputs = [pick, count] if guide is None else [pick, count, guide.window(_CHARGE_WINDOW)]
+                state = self.cell(torch.cat(inputs, dim=1), state)
         absent = 1 - present.sum(-1, keepdim=True)
         return torch.cat([absent, present], dim=-1)
 
@@ -351,10 +399,88 @@ class SlotGenerator(nn.Module):
         return torch.randn(n, self.noise_dim, generator=generator).to(device)
 
 
-def build_networks(cfg: GanConfig, vocab: Vocabulary) -> tuple[Generator | SlotGenerator, Critic]:
-    """Untrained generator and critic for ``vocab``'s matrix shape."""
+#: Oxidation states kept per element by a charge-guided generator (smact's sets list at most 9).
+_MAX_STATES = 12
+#: Total charges -W..W of the picks so far are part of a charge-guided GRU's input.
+_CHARGE_WINDOW = 12
+
+
+def _state_table(oxidation_states: Sequence[Sequence[int] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per element its oxidation states, padded to :data:`_MAX_STATES`, and which entries are real."""
+    states = torch.zeros(len(oxidation_states), _MAX_STATES, dtype=torch.long)
+    known = torch.zeros(len(oxidation_states), _MAX_STATES, dtype=torch.bool)
+    for i, options in enumerate(oxidation_states):
+        options = sorted(set(options or ()))
+        if len(options) > _MAX_STATES:
+            raise ValueError(
+                f"element {i} has {len(options)} oxidation states; at most {_MAX_STATES} are kept"
+            )
+        states[i, : len(options)] = torch.as_tensor(options, dtype=torch.long)
+        known[i, : len(options)] = True
+    return states, known
+
+
+class _ChargeTracker:
+    """The total charges a partial composition can reach, one oxidation state per element (smact's rule).
+
+    ``reach[b, Q + q]`` is True when some choice of one listed oxidation state per picked element gives
+    the picks of row ``b`` the total charge ``q``; an element without states empties the set, so that row
+    can never be neutral. A composition is charge neutral in smact's sense exactly when 0 is reachable
+    (``neutral_ratios`` with one stoichiometry per element is the sum rule). Everything here follows the
+    hard draws, so it carries no gradient.
+    """
+
+    def __init__(
+        self, states: torch.Tensor, known: torch.Tensor, max_count: int, slots: int, batch: int
+    ) -> None:
+        self.states, self.known, self.max_count = states, known, max_count
+        self.q = int(states.abs().max()) * max_count * slots
+        self.reach = torch.zeros(batch, 2 * self.q + 1, dtype=torch.bool, device=states.device)
+        self.reach[:, self.q] = True
+        # charge state * count for every (element, state, count); where it is listed
+        counts = torch.arange(1, max_count + 1, device=states.device)
+        self.shift = states.unsqueeze(-1) * counts  # (n_el, K, max_count)
+        self.shift_known = known.unsqueeze(-1).expand_as(self.shift)
+
+    def neutral(self) -> torch.Tensor:
+        """(batch,) True where the picks so far can be charge neutral."""
+        return self.reach[:, self.q]
+
+    def window(self, width: int) -> torch.Tensor:
+        """(batch, 2 width + 1) float: which total charges -width..width are reachable."""
+        return self.reach[:, self.q - width : self.q + width + 1].float()
+
+    def completions(self) -> torch.Tensor:
+        """(batch, n_el, max_count) True where adding that element with that count makes 0 reachable."""
+        index = (self.q - self.shift).clamp(0, 2 * self.q)  # the charge the picks so far must reach
+        hit = self.reach[:, index.flatten()].view(-1, *self.shift.shape) & self.shift_known
+        return hit.any(-2)
+
+    def add(self, element: torch.Tensor, count: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add ``count`` atoms of ``element`` (per row; only where ``rows``) to the picks."""
+        shifts = self.states[element] * count.unsqueeze(-1)  # (batch, K)
+        listed = self.known[element]
+        width = self.reach.shape[1]
+        positions = torch.arange(width, device=self.reach.device)
+        grown = torch.zeros_like(self.reach)
+        for k in range(shifts.shape[1]):
+            source = positions - shifts[:, k : k + 1]  # reach'[q] |= reach[q - shift]
+            inside = (source >= 0) & (source < width) & listed[:, k : k + 1]
+            grown |= torch.gather(self.reach, 1, source.clamp(0, width - 1)) & inside
+        self.reach = torch.where(rows.unsqueeze(-1), grown, self.reach)
+
+
+def build_networks(
+    cfg: GanConfig, vocab: Vocabulary, validity_cfg: ValidityConfig | None = None
+) -> tuple[Generator | SlotGenerator, Critic]:
+    """Untrained generator and critic for ``vocab``'s matrix shape (a charge guide takes its oxidation
+    states from ``validity_cfg``'s set, the one candidates are checked with)."""
     n_elements, n_counts = vocab.shape
     if cfg.generator_design == "slots":
+        states = None
+        if cfg.charge_guide != "off":
+            checker = ValidityChecker(validity_cfg)
+            states = [checker.element(symbol).oxidation_states for symbol in vocab.elements]
         generator: Generator | SlotGenerator = SlotGenerator(
             cfg.noise_dim,
             n_elements,
@@ -364,6 +490,8 @@ def build_networks(cfg: GanConfig, vocab: Vocabulary) -> tuple[Generator | SlotG
             cfg.min_slots,
             cfg.sample_temperature,
             cfg.relaxation,
+            cfg.charge_guide,
+            states,
         )
     else:
         generator = Generator(
@@ -488,7 +616,7 @@ def train_gan(
     n_counts = vocab.shape[1]
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
         torch.manual_seed(cfg.seed)
-        generator, critic = build_networks(cfg, vocab)
+        generator, critic = build_networks(cfg, vocab, validity_cfg)
     generator.to(device)
     critic.to(device)
     rng = torch.Generator().manual_seed(cfg.seed)

@@ -30,6 +30,17 @@ all ``slots`` runs with the default ``min_slots`` 2; train minutes include 1,000
     the same, 60 epochs                                        68.2 / 74.6 / 96.1   46,788  7.4 min
     the 30-epoch ema model sampled at T = 0.8 / 0.6            72.5 / 78.1, 73.8 / 55.1
 
+Measured 2026-12-05 (session 9), the ema configuration above plus ``charge_guide`` (the generator
+tracks which total charges its picks can reach with the icsd24 oxidation states; "mask" also lets it
+stop only once neutral and makes its last pick neutralise where one can), 30 epochs:
+
+    charge_guide input                                         70.5 / 80.7 / 95.5   54,658  8.4 min
+    charge_guide mask                                          93.4 / 61.7 / 94.8   54,917  8.4 min
+    the mask model sampled at T = 1.3                          91.7 / 79.5 / 96.4   70,191
+    the mask model sampled at T = 1.7 (params.yaml since)      88.1 / 91.8 / 97.6   78,562
+
+(The two guided runs trained side by side on the 2 cores, hence the longer training times.)
+
 ``--quick``: 30 epochs, 20,000 samples (about 2-3 minutes). ``--set key=value`` takes YAML values
 (``--set critic_hidden=[1024,512]``); ``--jsonl FILE`` appends the full result.
 """

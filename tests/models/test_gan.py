@@ -489,3 +489,59 @@ def test_generator_ema_returns_the_averaged_weights_without_changing_training(tr
     )
     for key, value in plain[0].state_dict().items():
         assert torch.allclose(value, follow[0].state_dict()[key], atol=1e-6)
+
+
+def test_charge_tracker_agrees_with_the_validity_check(training):
+    """The generator's running charge bookkeeping says 'neutral' exactly where smact's check does."""
+    from agd.chem.validity import ValidityChecker
+    from agd.models.gan import _ChargeTracker, _state_table
+
+    compositions, vocab, _ = training
+    checker = ValidityChecker()
+    states, known = _state_table([checker.element(e).oxidation_states for e in vocab.elements])
+    rng = np.random.default_rng(0)
+    # real (valid) formulas and random ones (mostly not neutral), up to 4 elements
+    samples = [dict(list(c.items())[:4]) for c in compositions[:150]]
+    for _ in range(250):
+        picks = rng.choice(len(vocab.elements), size=rng.integers(2, 5), replace=False)
+        samples.append({vocab.elements[i]: int(rng.integers(1, 8)) for i in picks})
+    samples = [c for c in samples if max(c.values()) <= 7]
+    tracker = _ChargeTracker(states, known, 7, 4, len(samples))
+    for slot in range(4):
+        element = torch.zeros(len(samples), dtype=torch.long)
+        count = torch.ones(len(samples), dtype=torch.long)
+        rows = torch.zeros(len(samples), dtype=torch.bool)
+        for b, c in enumerate(samples):
+            items = list(c.items())
+            if slot < len(items):
+                element[b] = vocab.elements.index(items[slot][0])
+                count[b], rows[b] = items[slot][1], True
+        tracker.add(element, count, rows)
+    expected = checker.check_counts(samples)["charge_neutral"].to_numpy()
+    assert 0.2 < expected.mean() < 0.8  # both kinds are present
+    np.testing.assert_array_equal(tracker.neutral().numpy(), expected)
+
+
+def test_charge_guide_mask_makes_samples_neutral_and_round_trips(training, tmp_path):
+    from agd.chem.validity import ValidityChecker
+
+    compositions, vocab, known = training
+    with pytest.raises(ValueError, match="slots"):
+        GanConfig(charge_guide="mask")
+    checker = ValidityChecker()
+    neutral = {}
+    for guide in ("off", "input", "mask"):
+        generator, _ = build_networks(SLOTS.model_copy(update={"charge_guide": guide}), vocab)
+        frame = pd.concat(sample_formulas(generator, vocab, 1500, seed=3))
+        neutral[guide] = checker.check(frame["formula"])["charge_neutral"].mean()
+    # untrained: the mask alone makes nearly every sample neutral; without it about a third are
+    assert neutral["off"] < 0.6 and neutral["input"] < 0.6 and neutral["mask"] > 0.9
+    cfg = SLOTS.model_copy(update={"charge_guide": "mask", "epochs": 2})
+    generator, critic, history = train_gan(compositions[:600], vocab, cfg, progress=False)
+    assert generator.completion_weight.abs().sum() > 0  # the learnt bonuses moved
+    first = pd.concat(sample_formulas(generator, vocab, 800, seed=7))
+    bundle = load_gan(save_gan(tmp_path / "gan", generator, critic, vocab, cfg, history, known))
+    assert torch.equal(bundle.generator.oxidation_states, generator.oxidation_states)
+    pd.testing.assert_frame_equal(
+        first, pd.concat(sample_formulas(bundle.generator, bundle.vocab, 800, seed=7))
+    )
