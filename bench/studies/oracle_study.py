@@ -1,0 +1,259 @@
+"""Which change moves the Roost oracle towards the Exp1 target (test R2 >= 0.85, MAE <= 0.40 eV)?
+
+    python -m bench.studies.oracle_study train --variant extra_mp --seeds 0 1
+    python -m bench.studies.oracle_study report --out reports/oracle_study.md
+
+Every variant trains Roost members with the pipeline's own code (:func:`agd.models.roost.train_roost`,
+one process with one torch thread per member, like the stage's ``workers``) on the pipeline's own split (``data/prepared/dataset.parquet``, the ``prepare`` stage's output): the
+``train`` rows (plus a variant's extra rows), early stopping on ``val``, scored on ``test``. The base
+configuration is ``oracle.roost`` of ``params.yaml``; a variant overrides some of its fields and may add
+training rows:
+
+* ``wd``, ``wd_strong``: AdamW weight decay 0.05 and 0.2 instead of 1e-6 (the members overfit: train MAE
+  about 0.24 eV against 0.45-0.50 on val at their best epoch).
+* ``heads3``, ``big_trunk``, ``wide``: more capacity, up to aviary's default Roost size. On this 2-core
+  CPU an epoch takes about 51, 32 and 105 s against 7-10 s for the base size, so they suit a GPU.
+* ``extra_mp``: MP non-metal compositions that are *not* in the Exp1 file at all (so no test or val
+  composition, and no second label for a train composition), from ``mp_gap_by_composition.csv`` and
+  Matbench's ``mp_gap`` (median gap over a composition's polymorphs). Both are PBE gaps of the
+  Materials Project, like Exp1's.
+
+Each member's test predictions are saved as ``<work>/<variant>/seed<k>.npz`` (a finished member is
+never trained again, so a killed study resumes); ``report`` scores every member and, per variant, the
+mean of its members (the ensemble), beside the pipeline's own members from ``metrics/oracle.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from agd.config import load_params
+from agd.models.oracle import regression_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data"
+
+#: name -> (RoostConfig overrides, extra training data or None, what it tests)
+VARIANTS: dict[str, tuple[dict, str | None, str]] = {
+    "base": ({}, None, "params.yaml's oracle.roost unchanged"),
+    "extra_mp": ({}, "mp", "plus MP non-metal compositions absent from Exp1"),
+    "wd": ({"weight_decay": 0.05}, None, "AdamW weight decay 0.05 (params.yaml: 1e-6)"),
+    "wd_strong": ({"weight_decay": 0.2}, None, "AdamW weight decay 0.2"),
+    "heads3": ({"elem_heads": 3, "cry_heads": 3}, None, "three attention heads in both poolings"),
+    "big_trunk": (
+        {"trunk_hidden": [1024, 512], "out_hidden": [256, 128, 64]},
+        None,
+        "aviary's default read-out (trunk 1024-512, output 256-128-64); message layers unchanged",
+    ),
+    "wide": (
+        {
+            "elem_heads": 3,
+            "cry_heads": 3,
+            "hidden": 256,
+            "trunk_hidden": [1024, 512],
+            "out_hidden": [256, 128, 64],
+        },
+        None,
+        "aviary's default Roost size (3 heads, 256-wide gates, trunk 1024-512)",
+    ),
+}
+
+
+def _read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, keep_default_na=False, usecols=["reduced_formula", "band_gap"])
+
+
+def extra_mp_rows(exp1_formulas: set[str], data: Path = SHARED) -> pd.DataFrame:
+    """MP compositions with a gap > 0 that the Exp1 file does not hold; one row (median gap) each."""
+    frames = [_read(data / name) for name in ("mp_gap_by_composition.csv", "matbench_mp_gap.csv")]
+    rows = pd.concat(frames, ignore_index=True)
+    rows = rows[(rows["band_gap"] > 0) & ~rows["reduced_formula"].isin(exp1_formulas)]
+    return rows.groupby("reduced_formula", as_index=False)["band_gap"].median()
+
+
+def _split(prepared: Path) -> pd.DataFrame:
+    data = pd.read_parquet(prepared)
+    return data[["reduced_formula", "band_gap", "split"]].reset_index(drop=True)
+
+
+def train(
+    variant: str, seeds: list[int], prepared: Path, work: Path, workers: int, epochs: int | None
+) -> None:
+    overrides, extra, _ = VARIANTS[variant]
+    if epochs is not None:
+        overrides = {**overrides, "epochs": epochs}
+    base = load_params(ROOT / "params.yaml").oracle.roost
+    data = _split(prepared)
+    train_rows = data[data["split"] == "train"]
+    val_rows = data[data["split"] == "val"]
+    test_rows = data[data["split"] == "test"]
+    formulas, gaps = train_rows["reduced_formula"].tolist(), train_rows["band_gap"].tolist()
+    if extra == "mp":
+        added = extra_mp_rows(
+            set(data["reduced_formula"]) | set(_read(SHARED / "mp_gap_agd_exp1.csv")["reduced_formula"])
+        )
+        formulas += added["reduced_formula"].tolist()
+        gaps += added["band_gap"].tolist()
+        print(f"{variant}: {len(added):,} extra MP rows", file=sys.stderr)
+    out = work / variant
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in seeds if not (out / f"seed{s}.npz").exists()]
+    if not todo:
+        print(f"{variant}: seeds {seeds} already trained", file=sys.stderr)
+        return
+    # one member per process, one torch thread each, like the pipeline's `workers`
+    cfg = base.model_copy(update={**overrides, "ensemble_size": 1, "workers": 1, "num_threads": 1})
+    context = multiprocessing.get_context("spawn")
+    args = (formulas, gaps, val_rows["reduced_formula"].tolist(), val_rows["band_gap"].tolist(), cfg)
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+        futures = {s: pool.submit(_member, *args, s, test_rows["reduced_formula"].tolist()) for s in todo}
+        for seed, future in futures.items():
+            pred, info = future.result()
+            np.savez(out / f"seed{seed}.npz", pred=pred, info=json.dumps({**info, "n_train": len(formulas)}))
+            brief = {k: v for k, v in info.items() if k != "history"}
+            print(f"{variant} seed {seed}: {brief}", file=sys.stderr)
+
+
+def _member(formulas, gaps, val_f, val_y, cfg, seed: int, test_f: list[str]):
+    from agd.models.roost import train_roost
+
+    start = time.perf_counter()
+    model = train_roost(formulas, gaps, val_f, val_y, cfg, seed=seed, progress=False)
+    labels = model.predict(test_f)
+    seconds = [row["seconds"] for row in model.history]
+    info = {
+        "best_epoch": model.best_epoch,
+        "epochs_run": len(model.history),
+        "seconds_per_epoch": float(np.mean(seconds)),
+        "minutes": (time.perf_counter() - start) / 60,
+        "history": [{k: round(float(v), 5) for k, v in row.items()} for row in model.history],
+    }
+    return np.asarray(labels.gaps, dtype=float), info
+
+
+def report(prepared: Path, work: Path) -> str:
+    data = _split(prepared)
+    test = data[data["split"] == "test"]
+    y = test["band_gap"].to_numpy(dtype=float)
+    lines = [
+        "# Oracle study: Roost variants on the Exp1 split (test rows)",
+        "",
+        f"{len(test):,} test rows of `{prepared}`; target R2 >= 0.85, MAE <= 0.40 eV. "
+        "Produced by `python -m bench.studies.oracle_study`.",
+        "",
+        "| variant | what | seed | train rows | best epoch | s / epoch | R2 | MAE (eV) | RMSE (eV) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    stage = json.loads((ROOT / "metrics" / "oracle.json").read_text())
+    pipeline = stage["models"]["roost"]
+    for i, (_name, row) in enumerate(sorted(pipeline["members"].items())):
+        m = row["test"]
+        lines.append(
+            f"| pipeline (metrics/oracle.json) | params.yaml, 3 members side by side | {i} | "
+            f"{stage['dataset']['train_rows']:,} | {pipeline['best_epochs'][i]} | "
+            f"{pipeline['seconds_per_epoch']:.1f} | {m['r2']:.4f} | {m['mae']:.4f} | {m['rmse']:.4f} |"
+        )
+    e = pipeline["ensemble"]["test"]
+    lines.append(
+        f"| pipeline (metrics/oracle.json) | mean of the 3 | all | | | | {e['r2']:.4f} | {e['mae']:.4f} | {e['rmse']:.4f} |"
+    )
+    sizes = [
+        "",
+        "Ensemble size. A member's squared error is its bias (the error of the mean of infinitely many members) plus "
+        "its spread around that mean; the spread, estimated from the members' disagreement (unbiased, k/(k-1)), "
+        "shrinks as 1/N in an N-member mean, so the R2 of larger ensembles can be extrapolated:",
+        "",
+        "| variant | members | mean member R2 | R2 of their mean | R2 at 5 | R2 at 10 | R2 at infinity |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, (_, _, what) in VARIANTS.items():
+        files = sorted((work / name).glob("seed*.npz"))
+        preds = []
+        for path in files:
+            saved = np.load(path)
+            info = json.loads(str(saved["info"]))
+            pred = saved["pred"]
+            preds.append(pred)
+            m = _metrics(y, pred)
+            lines.append(
+                f"| {name} | {what} | {path.stem[4:]} | {info['n_train']:,} | {info['best_epoch']} | "
+                f"{info['seconds_per_epoch']:.1f} | {m['r2']:.4f} | {m['mae']:.4f} | {m['rmse']:.4f} |"
+            )
+        if len(preds) > 1:
+            m = _metrics(y, np.mean(preds, axis=0))
+            lines.append(
+                f"| {name} | mean of the {len(preds)} | all | | | | {m['r2']:.4f} | {m['mae']:.4f} | {m['rmse']:.4f} |"
+            )
+            est = ensemble_extrapolation(y, np.vstack(preds), (5, 10))
+            sizes.append(
+                f"| {name} | {len(preds)} | {est['member']:.4f} | {est[len(preds)]:.4f} | {est[5]:.4f} | "
+                f"{est[10]:.4f} | {est['infinity']:.4f} |"
+            )
+    return "\n".join(lines + sizes) + "\n"
+
+
+def ensemble_extrapolation(y: np.ndarray, preds: np.ndarray, sizes: tuple[int, ...]) -> dict:
+    """R2 of an N-member mean from k members' predictions (k x rows): bias + spread / N.
+
+    Keys: 'member' (mean member R2), k and each of ``sizes`` (N), 'infinity'. Rows any member
+    could not label are left out.
+    """
+    k = preds.shape[0]
+    if k < 2:
+        raise ValueError("extrapolating needs at least two members")
+    ok = np.isfinite(preds).all(axis=0)
+    p, t = preds[:, ok], y[ok]
+    total = float(np.mean((t - t.mean()) ** 2))
+    member_mse = float(np.mean((p - t) ** 2))
+    spread = float(np.mean((p - p.mean(axis=0)) ** 2)) * k / (k - 1)
+    bias = member_mse - spread
+    out: dict = {"member": float(np.mean([1 - np.mean((row - t) ** 2) / total for row in p]))}
+    for n in (k, *sizes):
+        out[n] = 1 - (bias + spread / n) / total
+    out["infinity"] = 1 - bias / total
+    return out
+
+
+def _metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    ok = np.isfinite(pred)
+    return regression_metrics(y[ok], pred[ok])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prepared", type=Path, default=ROOT / "data" / "prepared" / "dataset.parquet")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".cache" / "oracle_study")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the missing members of a variant")
+    t.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    t.add_argument("--workers", type=int, default=2, help="members trained at once (one thread each)")
+    t.add_argument(
+        "--epochs", type=int, help="override oracle.roost.epochs (a smoke run; not for the report)"
+    )
+    r = sub.add_parser("report", help="score every trained member; markdown to stdout or --out")
+    r.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if not args.prepared.is_file():
+        parser.error(f"{args.prepared} not found: run `dvc repro pipelines/dvc.yaml:prepare` first")
+    if args.command == "train":
+        train(args.variant, args.seeds, args.prepared, args.work, args.workers, args.epochs)
+        return 0
+    text = report(args.prepared, args.work)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""The oracle study (bench/studies/oracle_study.py): its extra training rows and a tiny resumable run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.studies import oracle_study
+from tests.conftest import read_shared_csv
+
+
+def test_extra_mp_rows_are_new_non_metal_compositions_with_their_median_gap(shared_data) -> None:
+    exp1 = set(read_shared_csv(shared_data / "mp_gap_agd_exp1.csv")["reduced_formula"])
+    rows = oracle_study.extra_mp_rows(exp1, shared_data)
+    assert len(rows) > 1000
+    assert rows["reduced_formula"].is_unique
+    assert not rows["reduced_formula"].isin(exp1).any()
+    assert (rows["band_gap"] > 0).all()
+    # a composition with several non-metal polymorphs in Matbench gets their median
+    bench = read_shared_csv(shared_data / "matbench_mp_gap.csv")
+    bench = bench[(bench["band_gap"] > 0) & ~bench["reduced_formula"].isin(exp1)]
+    by_comp = read_shared_csv(shared_data / "mp_gap_by_composition.csv")
+    counts = bench["reduced_formula"].value_counts()
+    several = [f for f in counts[counts > 2].index if f not in set(by_comp["reduced_formula"])]
+    assert several, "expected Matbench compositions with several polymorphs outside Exp1"
+    formula = several[0]
+    expected = float(bench.loc[bench["reduced_formula"] == formula, "band_gap"].median())
+    got = float(rows.loc[rows["reduced_formula"] == formula, "band_gap"].iloc[0])
+    assert got == expected
+
+
+def test_study_trains_resumes_and_reports(shared_data, tmp_path: Path, capsys) -> None:
+    data = read_shared_csv(shared_data / "mp_gap_agd_exp1.csv").sample(240, random_state=1)
+    data["split"] = ["train"] * 160 + ["val"] * 40 + ["test"] * 40
+    prepared = tmp_path / "dataset.parquet"
+    data[["reduced_formula", "band_gap", "split"]].to_parquet(prepared)
+    work = tmp_path / "work"
+    argv = ["--prepared", str(prepared), "--work", str(work), "train", "--variant", "base"]
+    assert oracle_study.main([*argv, "--seeds", "0", "--epochs", "2", "--workers", "1"]) == 0
+    saved = work / "base" / "seed0.npz"
+    first = np.load(saved)["pred"]
+    # a test formula with an element no training row has gets no label (NaN), as in the pipeline
+    assert first.shape == (40,) and np.isfinite(first).sum() >= 35
+    stamp = saved.stat().st_mtime_ns
+    # a second call finds the member and trains nothing
+    assert oracle_study.main([*argv, "--seeds", "0", "--epochs", "2", "--workers", "1"]) == 0
+    assert saved.stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    out = tmp_path / "report.md"
+    assert (
+        oracle_study.main(["--prepared", str(prepared), "--work", str(work), "report", "--out", str(out)])
+        == 0
+    )
+    text = out.read_text()
+    base_rows = [line for line in text.splitlines() if line.startswith("| base |")]
+    assert len(base_rows) == 1
+    cells = [c.strip() for c in base_rows[0].strip("|").split("|")]
+    assert cells[3] == "160"  # train rows
+    r2 = float(cells[6])
+    ok = np.isfinite(first)
+    y = data["band_gap"].to_numpy()[-40:][ok]
+    expected = 1 - np.sum((y - first[ok]) ** 2) / np.sum((y - y.mean()) ** 2)
+    assert abs(r2 - expected) < 1e-4
+
+
+def test_ensemble_extrapolation_is_exact_at_k_and_recovers_a_known_bias_and_spread() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.normal(0, 2, 20_000)
+    shared = rng.normal(0, 0.5, y.size)  # the error every member makes (bias), variance 0.25
+    preds = y + shared + rng.normal(0, 1.0, (4, y.size))  # each member's own error, variance 1
+    est = oracle_study.ensemble_extrapolation(y, preds, (10,))
+    mean = preds.mean(axis=0)
+    r2_of_mean = 1 - np.mean((mean - y) ** 2) / np.var(y)
+    assert est[4] == pytest.approx(r2_of_mean, abs=1e-12)
+    var = np.var(y)
+    assert est["infinity"] == pytest.approx(1 - 0.25 / var, abs=0.01)
+    assert est[10] == pytest.approx(1 - (0.25 + 1 / 10) / var, abs=0.01)
+    assert est["member"] < est[4] < est[10] < est["infinity"]
+    with pytest.raises(ValueError, match="two members"):
+        oracle_study.ensemble_extrapolation(y, preds[:1], (10,))
