@@ -147,8 +147,9 @@ def report(prepared: Path, work: Path) -> str:
     lines = [
         "# Oracle study: Roost variants on the Exp1 split (test rows)",
         "",
-        f"{len(test):,} test rows of `{prepared}`; target R2 >= 0.85, MAE <= 0.40 eV. "
-        "Produced by `python -m bench.studies.oracle_study`.",
+        f"{len(test):,} test rows of `{_shown(prepared)}`; target R2 >= 0.85, MAE <= 0.40 eV. "
+        "Produced by `python -m bench.studies.oracle_study`. Seconds per epoch are one torch thread per "
+        "member and grow when more members than cores train at once.",
         "",
         "| variant | what | seed | train rows | best epoch | s / epoch | R2 | MAE (eV) | RMSE (eV) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -221,6 +222,12 @@ def ensemble_extrapolation(y: np.ndarray, preds: np.ndarray, sizes: tuple[int, .
         out[n] = 1 - (bias + spread / n) / total
     out["infinity"] = 1 - bias / total
     return out
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
