@@ -57,7 +57,7 @@ def test_study_trains_resumes_and_reports(shared_data, tmp_path: Path, capsys) -
     base_rows = [line for line in text.splitlines() if line.startswith("| base |")]
     assert len(base_rows) == 1
     cells = [c.strip() for c in base_rows[0].strip("|").split("|")]
-    assert cells[3] == "160"  # train rows
+    assert cells[1].endswith("(smoke run: 2 epochs)") and cells[3] == "160"  # train rows
     r2 = float(cells[6])
     ok = np.isfinite(first)
     y = data["band_gap"].to_numpy()[-40:][ok]

@@ -98,6 +98,8 @@ def train(
     test_rows = data[data["split"] == "test"]
     formulas, gaps = train_rows["reduced_formula"].tolist(), train_rows["band_gap"].tolist()
     if extra == "mp":
+        if not (SHARED / "mp_gap_agd_exp1.csv").is_file():
+            raise SystemExit(f"variant {variant} needs the offline data folder {SHARED}, which is absent")
         added = extra_mp_rows(
             set(data["reduced_formula"]) | set(_read(SHARED / "mp_gap_agd_exp1.csv")["reduced_formula"])
         )
@@ -118,7 +120,12 @@ def train(
         futures = {s: pool.submit(_member, *args, s, test_rows["reduced_formula"].tolist()) for s in todo}
         for seed, future in futures.items():
             pred, info = future.result()
-            np.savez(out / f"seed{seed}.npz", pred=pred, info=json.dumps({**info, "n_train": len(formulas)}))
+            info = {**info, "n_train": len(formulas), "epochs": cfg.epochs}
+            tmp = (
+                out / f".seed{seed}.tmp.npz"
+            )  # written whole, then renamed: a killed run leaves no half file
+            np.savez(tmp, pred=pred, info=json.dumps(info))
+            tmp.replace(out / f"seed{seed}.npz")
             brief = {k: v for k, v in info.items() if k != "history"}
             print(f"{variant} seed {seed}: {brief}", file=sys.stderr)
 
@@ -154,6 +161,7 @@ def report(prepared: Path, work: Path) -> str:
         "| variant | what | seed | train rows | best epoch | s / epoch | R2 | MAE (eV) | RMSE (eV) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    full_epochs = load_params(ROOT / "params.yaml").oracle.roost.epochs
     stage = json.loads((ROOT / "metrics" / "oracle.json").read_text())
     pipeline = stage["models"]["roost"]
     for i, (_name, row) in enumerate(sorted(pipeline["members"].items())):
@@ -185,8 +193,13 @@ def report(prepared: Path, work: Path) -> str:
             pred = saved["pred"]
             preds.append(pred)
             m = _metrics(y, pred)
+            smoke = (
+                ""
+                if info.get("epochs", full_epochs) == full_epochs
+                else f" (smoke run: {info['epochs']} epochs)"
+            )
             lines.append(
-                f"| {name} | {what} | {path.stem[4:]} | {info['n_train']:,} | {info['best_epoch']} | "
+                f"| {name} | {what}{smoke} | {path.stem[4:]} | {info['n_train']:,} | {info['best_epoch']} | "
                 f"{info['seconds_per_epoch']:.1f} | {m['r2']:.4f} | {m['mae']:.4f} | {m['rmse']:.4f} |"
             )
         if len(preds) > 1:
