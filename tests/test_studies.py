@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bench.studies import oracle_study
@@ -31,11 +36,18 @@ def test_extra_mp_rows_are_new_non_metal_compositions_with_their_median_gap(shar
     assert got == expected
 
 
-def test_study_trains_resumes_and_reports(shared_data, tmp_path: Path, capsys) -> None:
+@pytest.fixture
+def tiny_split(shared_data, tmp_path: Path) -> tuple[pd.DataFrame, Path]:
+    """240 Exp1 rows as a prepared file: 160 train, 40 val, 40 test (in that order)."""
     data = read_shared_csv(shared_data / "mp_gap_agd_exp1.csv").sample(240, random_state=1)
     data["split"] = ["train"] * 160 + ["val"] * 40 + ["test"] * 40
     prepared = tmp_path / "dataset.parquet"
     data[["reduced_formula", "band_gap", "split"]].to_parquet(prepared)
+    return data, prepared
+
+
+def test_study_trains_resumes_and_reports(tiny_split, tmp_path: Path, capsys) -> None:
+    data, prepared = tiny_split
     work = tmp_path / "work"
     argv = ["--prepared", str(prepared), "--work", str(work), "train", "--variant", "base"]
     assert oracle_study.main([*argv, "--seeds", "0", "--epochs", "2", "--workers", "1"]) == 0
@@ -80,3 +92,35 @@ def test_ensemble_extrapolation_is_exact_at_k_and_recovers_a_known_bias_and_spre
     assert est["member"] < est[4] < est[10] < est["infinity"]
     with pytest.raises(ValueError, match="two members"):
         oracle_study.ensemble_extrapolation(y, preds[:1], (10,))
+
+
+def test_killing_the_study_stops_its_training_workers(tiny_split, tmp_path: Path) -> None:
+    psutil = pytest.importorskip("psutil")
+    _, prepared = tiny_split
+    argv = ["--prepared", str(prepared), "--work", str(tmp_path / "work"), "train", "--variant", "base"]
+    # far longer than the test waits, and no early stop
+    argv += ["--seeds", "0", "--epochs", "3000", "--patience", "0", "--workers", "1"]
+    study = subprocess.Popen(
+        [sys.executable, "-m", "bench.studies.oracle_study", *argv], cwd=oracle_study.ROOT
+    )
+    workers: list = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not workers:
+            time.sleep(0.5)
+            workers = [
+                p for p in psutil.Process(study.pid).children() if "spawn_main" in " ".join(p.cmdline())
+            ]
+            workers = [p for p in workers if p.cpu_times().user > 5]  # imports done, training
+        assert workers, "the study started no training worker"
+        study.send_signal(signal.SIGKILL)
+        study.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, "training workers outlived the killed study"
+    finally:
+        if study.poll() is None:
+            study.kill()
+        for worker in workers:  # never leave a worker behind, even when the test fails
+            if worker.is_running():
+                worker.kill()
+    assert not (tmp_path / "work" / "base" / "seed0.npz").exists()

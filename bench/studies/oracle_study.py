@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -86,11 +87,19 @@ def _split(prepared: Path) -> pd.DataFrame:
 
 
 def train(
-    variant: str, seeds: list[int], prepared: Path, work: Path, workers: int, epochs: int | None
+    variant: str,
+    seeds: list[int],
+    prepared: Path,
+    work: Path,
+    workers: int,
+    epochs: int | None,
+    patience: int | None = None,
 ) -> None:
     overrides, extra, _ = VARIANTS[variant]
     if epochs is not None:
         overrides = {**overrides, "epochs": epochs}
+    if patience is not None:
+        overrides = {**overrides, "patience": patience or None}
     base = load_params(ROOT / "params.yaml").oracle.roost
     data = _split(prepared)
     train_rows = data[data["split"] == "train"]
@@ -133,8 +142,18 @@ def train(
 def _member(formulas, gaps, val_f, val_y, cfg, seed: int, test_f: list[str]):
     from agd.models.roost import train_roost
 
+    parent = os.getppid()
+
+    def stop_when_orphaned(epoch: int, metrics: dict[str, float]) -> None:
+        # a killed study leaves its pool workers running; each checks after every epoch and stops
+        if os.getppid() != parent:  # no one is left to receive a result or an exception: just leave
+            print(f"seed {seed}: the study process is gone, stopping after epoch {epoch}", file=sys.stderr)
+            os._exit(1)
+
     start = time.perf_counter()
-    model = train_roost(formulas, gaps, val_f, val_y, cfg, seed=seed, progress=False)
+    model = train_roost(
+        formulas, gaps, val_f, val_y, cfg, seed=seed, on_epoch=stop_when_orphaned, progress=False
+    )
     labels = model.predict(test_f)
     seconds = [row["seconds"] for row in model.history]
     info = {
@@ -260,13 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument(
         "--epochs", type=int, help="override oracle.roost.epochs (a smoke run; not for the report)"
     )
+    t.add_argument("--patience", type=int, help="override oracle.roost.patience (0: no early stopping)")
     r = sub.add_parser("report", help="score every trained member; markdown to stdout or --out")
     r.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not args.prepared.is_file():
         parser.error(f"{args.prepared} not found: run `dvc repro pipelines/dvc.yaml:prepare` first")
     if args.command == "train":
-        train(args.variant, args.seeds, args.prepared, args.work, args.workers, args.epochs)
+        train(args.variant, args.seeds, args.prepared, args.work, args.workers, args.epochs, args.patience)
         return 0
     text = report(args.prepared, args.work)
     if args.out:
