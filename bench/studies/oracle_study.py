@@ -4,8 +4,8 @@
     python -m bench.studies.oracle_study report --out reports/oracle_study.md
 
 Every variant trains Roost members with the pipeline's own code (:func:`agd.models.roost.train_roost`,
-one process with one torch thread per member, like the stage's ``workers``) on the pipeline's own split (``data/prepared/dataset.parquet``, the ``prepare`` stage's output): the
-``train`` rows (plus a variant's extra rows), early stopping on ``val``, scored on ``test``. The base
+one process with one torch thread per member, like the stage's ``workers``) on the pipeline's own
+split (``data/prepared/dataset.parquet``, the ``prepare`` stage's output): the ``train`` rows (plus a variant's extra rows), early stopping on ``val``, scored on ``test``. The base
 configuration is ``oracle.roost`` of ``params.yaml``; a variant overrides some of its fields and may add
 training rows:
 
@@ -130,9 +130,8 @@ def train(
         for seed, future in futures.items():
             pred, info = future.result()
             info = {**info, "n_train": len(formulas), "epochs": cfg.epochs}
-            tmp = (
-                out / f".seed{seed}.tmp.npz"
-            )  # written whole, then renamed: a killed run leaves no half file
+            # written whole, then renamed: a killed run leaves no half-written member
+            tmp = out / f".seed{seed}.tmp.npz"
             np.savez(tmp, pred=pred, info=json.dumps(info))
             tmp.replace(out / f"seed{seed}.npz")
             brief = {k: v for k, v in info.items() if k != "history"}
@@ -183,16 +182,17 @@ def report(prepared: Path, work: Path) -> str:
     full_epochs = load_params(ROOT / "params.yaml").oracle.roost.epochs
     stage = json.loads((ROOT / "metrics" / "oracle.json").read_text())
     pipeline = stage["models"]["roost"]
+    n_members = len(pipeline["members"])
     for i, (_name, row) in enumerate(sorted(pipeline["members"].items())):
         m = row["test"]
         lines.append(
-            f"| pipeline (metrics/oracle.json) | params.yaml, 3 members side by side | {i} | "
+            f"| pipeline (metrics/oracle.json) | params.yaml, {n_members} members side by side | {i} | "
             f"{stage['dataset']['train_rows']:,} | {pipeline['best_epochs'][i]} | "
             f"{pipeline['seconds_per_epoch']:.1f} | {m['r2']:.4f} | {m['mae']:.4f} | {m['rmse']:.4f} |"
         )
     e = pipeline["ensemble"]["test"]
     lines.append(
-        f"| pipeline (metrics/oracle.json) | mean of the 3 | all | | | | {e['r2']:.4f} | {e['mae']:.4f} | {e['rmse']:.4f} |"
+        f"| pipeline (metrics/oracle.json) | mean of the {n_members} | all | | | | {e['r2']:.4f} | {e['mae']:.4f} | {e['rmse']:.4f} |"
     )
     sizes = [
         "",
