@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from typing import Any, Literal, Protocol
 
 ExecutorKind = Literal["local", "ray"]
@@ -223,3 +227,51 @@ def make_executor(
 def is_local(executor: Executor | None) -> bool:
     """True for no executor or the local one: the stage takes its own (unchanged) local path."""
     return executor is None or executor.kind == "local"
+
+
+# -- worker processes that end with their parent ---------------------------------------------------
+
+
+def spawn_pool(
+    workers: int, initializer: Callable[..., None] | None = None, initargs: tuple = ()
+) -> ProcessPoolExecutor:
+    """A ``ProcessPoolExecutor`` of spawned workers (torch and fork do not mix) that end with this process.
+
+    A pool's workers outlive a parent killed by SIGKILL (or the kernel's OOM killer) and finish the
+    task in hand, which for a Roost member, a campaign repeat or a screening group is up to an hour of
+    every core; a rerun started meanwhile would compete with them. Each worker here watches the
+    process that made the pool (:func:`exit_with_parent`) and exits within a second of its death.
+    ``initializer(*initargs)`` then runs as usual.
+    """
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(os.getpid(), initializer, initargs),
+    )
+
+
+def _start_worker(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    exit_with_parent(parent)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def exit_with_parent(parent: int | None = None, interval: float = 0.5) -> threading.Thread:
+    """End this process (``os._exit(1)``) once ``parent`` (default: the current parent) is gone.
+
+    A daemon thread checks every ``interval`` seconds whether this process has been re-parented,
+    which is how a dead parent shows on POSIX; it works in the middle of a long torch operation,
+    where a check between epochs would wait for the epoch. Nothing is left to receive a result, so
+    the exit is immediate; files the task writes whole-then-renamed stay consistent.
+    """
+    parent = os.getppid() if parent is None else parent
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="agd-exit-with-parent", daemon=True)
+    thread.start()
+    return thread

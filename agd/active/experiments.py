@@ -24,9 +24,8 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ from agd.active.campaign import (
     round_metrics,
 )
 from agd.config import ExperimentsConfig, ExperimentSpec, Params
-from agd.executors import Executor, is_local
+from agd.executors import Executor, is_local, spawn_pool
 
 log = logging.getLogger(__name__)
 
@@ -322,11 +321,8 @@ def run_experiments(
     else:
         for campaign in campaigns:
             campaign.load_state()  # a table from other settings is an error before any work starts
-        context = get_context("spawn")  # torch and fork do not mix
         init_args = (str(autoencoder_dir), str(oracle_dir), params.model_dump(mode="json"))
-        with ProcessPoolExecutor(
-            cfg.jobs, mp_context=context, initializer=_worker_init, initargs=init_args
-        ) as pool:
+        with spawn_pool(cfg.jobs, initializer=_worker_init, initargs=init_args) as pool:
             futures = {
                 pool.submit(_worker_run, p, initials[(p.setup.name, p.spec.repeat)], str(c.state_path)): c
                 for p, c in zip(planned, campaigns, strict=True)

@@ -138,10 +138,13 @@ def encode_formulas(formulas: Sequence[str], known: frozenset[str] | set[str]) -
     )
 
 
-def graph_batch(enc: EncodedFormulas, rows: np.ndarray) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def graph_batch(
+    enc: EncodedFormulas, rows: np.ndarray, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Roost inputs for formulas ``rows`` (all with nodes): weights, z, self/neighbour pairs, crystal index.
 
-    Equal to aviary's ``collate_batch`` over ``CompositionData`` items, built without a Python loop.
+    Equal to aviary's ``collate_batch`` over ``CompositionData`` items, built without a Python loop
+    (on the CPU, then moved to ``device``, the model's, when given).
     """
     sizes = enc.offsets[rows + 1] - enc.offsets[rows]
     first = np.cumsum(sizes) - sizes  # first node of each formula within the batch
@@ -153,13 +156,20 @@ def graph_batch(enc: EncodedFormulas, rows: np.ndarray) -> tuple[Tensor, Tensor,
     local = np.arange(int(pairs.sum())) - pair_first  # pair k of a formula with n nodes: (k // n, k % n)
     n = np.repeat(sizes, pairs)
     base = np.repeat(first, pairs)
-    return (
+    batch = (
         torch.from_numpy(enc.weights[nodes]).unsqueeze(1),
         torch.from_numpy(enc.z[nodes]),
         torch.from_numpy(base + local // n),
         torch.from_numpy(base + local % n),
         torch.from_numpy(crystal),
     )
+    if device is None or torch.device(device).type == "cpu":
+        return batch
+    return tuple(t.to(device, non_blocking=True) for t in batch)  # type: ignore[return-value]
+
+
+def _device_of(net: torch.nn.Module) -> torch.device:
+    return next(net.parameters()).device
 
 
 # -- the forward pass -------------------------------------------------------------------------------
@@ -429,7 +439,8 @@ def _fit(
         val_enc = encode_formulas(val_formulas, model.elements)
         val_y = np.asarray(val_gaps, dtype=np.float64)
         val_rows = np.flatnonzero(val_enc.ok)
-    target = torch.from_numpy(((y - model.mean) / model.std).astype(np.float32))
+    device = _device_of(net)  # cfg.device: the model was built there
+    target = torch.from_numpy(((y - model.mean) / model.std).astype(np.float32)).to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=lr_at(0), weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
     best_mae, best_state, best_epoch, stale = math.inf, None, None, 0
@@ -445,13 +456,14 @@ def _fit(
         desc = f"roost seed {model.seed} epoch {epoch + 1}/{n_epochs}"
         for first in tqdm(batches, desc=desc, leave=False, disable=not progress):
             rows = order[first : first + cfg.batch_size]
-            out = roost_forward(net, graph_batch(enc, rows))
-            loss = _loss(out, target[rows], model.robust)
+            out = roost_forward(net, graph_batch(enc, rows, device))
+            batch_target = target[torch.from_numpy(rows).to(device)]
+            loss = _loss(out, batch_target, model.robust)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             loss_sum += float(loss.detach()) * len(rows)
-            abs_sum += float((out[:, 0].detach() - target[rows]).abs().sum()) * model.std
+            abs_sum += float((out[:, 0].detach() - batch_target).abs().sum()) * model.std
         metrics = {"train_loss": loss_sum / len(y), "train_mae": abs_sum / len(y), "lr": lr}
         if has_val:
             pred, _ = model.predict_encoded(val_enc)
@@ -501,10 +513,13 @@ def _predict_members(
     with torch.inference_mode(), _ThreadLimit(threads):
         for first in range(0, len(rows), batch_size):
             chunk = rows[first : first + batch_size]
-            batch = graph_batch(enc, chunk)
+            batches: dict[torch.device, tuple[Tensor, ...]] = {}  # one copy per device the members are on
             for j, member in enumerate(members):
                 member.net.eval()
-                out = roost_forward(member.net, batch).double().numpy()
+                device = _device_of(member.net)
+                if device not in batches:
+                    batches[device] = graph_batch(enc, chunk, device)
+                out = roost_forward(member.net, batches[device]).double().cpu().numpy()
                 mean[chunk, j] = out[:, 0] * member.std + member.mean
                 if aleatoric is not None:
                     aleatoric[chunk, j] = np.exp(out[:, 1]) * member.std
@@ -632,12 +647,10 @@ def _run_jobs(
             members.append(_member_job(kind, args, callback, progress))
         return members
 
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from agd.executors import spawn_pool
 
-    context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has started its thread pool
     threads = cfg.num_threads or 1
-    with ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=context) as pool:
+    with spawn_pool(min(cfg.workers, len(jobs))) as pool:
         futures = [pool.submit(_member_job_bytes, kind, args, threads) for kind, args in jobs]
         members = []
         for i, future in enumerate(futures):
@@ -654,7 +667,8 @@ def _member_job(kind: str, args: tuple, on_epoch: EpochCallback | None, progress
     if kind == "train":
         return train_roost(*args, on_epoch=on_epoch, progress=progress)
     checkpoint, formulas, gaps = args
-    model = RoostModel.from_checkpoint(_from_bytes(checkpoint))
+    data = _from_bytes(checkpoint)
+    model = RoostModel.from_checkpoint(data, data["config"]["device"])  # fine-tuned where it was trained
     return finetune_roost(model, formulas, gaps, on_epoch=on_epoch, progress=progress)
 
 
@@ -684,7 +698,8 @@ def _to_bytes(checkpoint: dict) -> bytes:
 
 
 def _from_bytes(data: bytes) -> dict:
-    return torch.load(io.BytesIO(data), weights_only=True)
+    # tensors come back on the CPU; from_checkpoint puts them on the model's device
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def _as_list(values: Sequence | None) -> list | None:

@@ -636,11 +636,9 @@ def _training_pool(cfg: ScreeningConfig, n_groups: int, executor: Executor | Non
     jobs = min(cfg.train_jobs, n_groups)
     if jobs <= 1 or not is_local(executor):
         return None
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
+    from agd.executors import spawn_pool
 
-    # spawn, not fork: torch and fork do not mix
-    return ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_one_thread)
+    return spawn_pool(jobs, initializer=_one_thread)
 
 
 def _screen_pass(

@@ -27,17 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from agd.config import load_params
+from agd.executors import spawn_pool
 from agd.models.oracle import regression_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,6 +92,7 @@ def train(
     workers: int,
     epochs: int | None,
     patience: int | None = None,
+    device: str = "cpu",
 ) -> None:
     overrides, extra, _ = VARIANTS[variant]
     if epochs is not None:
@@ -122,14 +121,16 @@ def train(
         print(f"{variant}: seeds {seeds} already trained", file=sys.stderr)
         return
     # one member per process, one torch thread each, like the pipeline's `workers`
-    cfg = base.model_copy(update={**overrides, "ensemble_size": 1, "workers": 1, "num_threads": 1})
-    context = multiprocessing.get_context("spawn")
+    # (on a GPU, each process puts its member on the same device)
+    update = {**overrides, "ensemble_size": 1, "workers": 1, "num_threads": 1, "device": device}
+    cfg = base.model_copy(update=update)
     args = (formulas, gaps, val_rows["reduced_formula"].tolist(), val_rows["band_gap"].tolist(), cfg)
-    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+    # the pipeline's pool: a killed study's workers exit with it instead of training on
+    with spawn_pool(min(workers, len(todo))) as pool:
         futures = {s: pool.submit(_member, *args, s, test_rows["reduced_formula"].tolist()) for s in todo}
         for seed, future in futures.items():
             pred, info = future.result()
-            info = {**info, "n_train": len(formulas), "epochs": cfg.epochs}
+            info = {**info, "n_train": len(formulas), "epochs": cfg.epochs, "device": cfg.device}
             # written whole, then renamed: a killed run leaves no half-written member
             tmp = out / f".seed{seed}.tmp.npz"
             np.savez(tmp, pred=pred, info=json.dumps(info))
@@ -141,18 +142,8 @@ def train(
 def _member(formulas, gaps, val_f, val_y, cfg, seed: int, test_f: list[str]):
     from agd.models.roost import train_roost
 
-    parent = os.getppid()
-
-    def stop_when_orphaned(epoch: int, metrics: dict[str, float]) -> None:
-        # a killed study leaves its pool workers running; each checks after every epoch and stops
-        if os.getppid() != parent:  # no one is left to receive a result or an exception: just leave
-            print(f"seed {seed}: the study process is gone, stopping after epoch {epoch}", file=sys.stderr)
-            os._exit(1)
-
     start = time.perf_counter()
-    model = train_roost(
-        formulas, gaps, val_f, val_y, cfg, seed=seed, on_epoch=stop_when_orphaned, progress=False
-    )
+    model = train_roost(formulas, gaps, val_f, val_y, cfg, seed=seed, progress=False)
     labels = model.predict(test_f)
     seconds = [row["seconds"] for row in model.history]
     info = {
@@ -217,9 +208,11 @@ def report(prepared: Path, work: Path) -> str:
                 if info.get("epochs", full_epochs) == full_epochs
                 else f" (smoke run: {info['epochs']} epochs)"
             )
+            device = info.get("device", "cpu")
+            where = "" if device == "cpu" else f" ({device})"  # seconds on a GPU, not one CPU thread
             lines.append(
                 f"| {name} | {what}{smoke} | {path.stem[4:]} | {info['n_train']:,} | {info['best_epoch']} | "
-                f"{info['seconds_per_epoch']:.1f} | {m['r2']:.4f} | {m['mae']:.4f} | {m['rmse']:.4f} |"
+                f"{info['seconds_per_epoch']:.1f}{where} | {m['r2']:.4f} | {m['mae']:.4f} | {m['rmse']:.4f} |"
             )
         if len(preds) > 1:
             m = _metrics(y, np.mean(preds, axis=0))
@@ -280,13 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         "--epochs", type=int, help="override oracle.roost.epochs (a smoke run; not for the report)"
     )
     t.add_argument("--patience", type=int, help="override oracle.roost.patience (0: no early stopping)")
+    t.add_argument("--device", default="cpu", help="torch device of the members, e.g. cuda (default cpu)")
     r = sub.add_parser("report", help="score every trained member; markdown to stdout or --out")
     r.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not args.prepared.is_file():
         parser.error(f"{args.prepared} not found: run `dvc repro pipelines/dvc.yaml:prepare` first")
     if args.command == "train":
-        train(args.variant, args.seeds, args.prepared, args.work, args.workers, args.epochs, args.patience)
+        train(
+            args.variant, args.seeds, args.prepared, args.work, args.workers, args.epochs, args.patience,
+            args.device,
+        )  # fmt: skip
         return 0
     text = report(args.prepared, args.work)
     if args.out:

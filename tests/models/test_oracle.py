@@ -282,3 +282,20 @@ def test_scratch_refit_and_finetune_of_new_elements(exp1, tmp_path):
     assert tuned.elements == model.elements | {"Ac"} and len(tuned.history) == 1
     assert tuned.predict(["AcF3"]).status == ["ok"]
     assert not np.allclose(tuned.predict(["GaN"]).gaps, model.predict(["GaN"]).gaps)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+def test_roost_trains_finetunes_and_predicts_on_a_gpu(exp1, tmp_path):
+    train_f, train_y = _part(exp1, "train")
+    val_f, val_y = _part(exp1, "val")
+    cfg = TINY.model_copy(update={"epochs": 2, "device": "cuda", "workers": 2})
+    gpu = train_ensemble(train_f[:400], train_y[:400], val_f, val_y, cfg, seed=3, progress=False)
+    assert all(next(m.net.parameters()).is_cuda for m in gpu.members)
+    labels = gpu.predict(val_f)
+    assert np.isfinite(labels.gaps).all() and labels.std is not None
+    # the same weights on the CPU give the same gaps
+    gpu.save(tmp_path / "gpu")
+    cpu = RoostEnsemble.load(tmp_path / "gpu", device="cpu")
+    np.testing.assert_allclose(cpu.predict(val_f).gaps, labels.gaps, atol=1e-4)
+    tuned = finetune_roost(gpu.members[0], ["GaN", "AcF3"], [1.9, 3.0], epochs=1, progress=False)
+    assert next(tuned.net.parameters()).is_cuda and tuned.predict(["AcF3"]).status == ["ok"]
