@@ -293,11 +293,12 @@ class GanConfig(_Section):
     min_slots: int = Field(
         2, ge=1, description="fewest elements a 'slots' generator picks (2: no pure elements)"
     )
-    charge_guide: Literal["off", "input", "mask"] = Field(
+    charge_guide: Literal["off", "input", "mask", "valid"] = Field(
         "off",
         description="'slots' only: input: the generator sees which total charges its picks can reach "
         "(the validity check's oxidation states) and learns a bonus for neutralising picks; mask: also "
-        "stops only when charge neutral, and its last pick must neutralise where one can",
+        "stops only when charge neutral, and its last pick must neutralise where one can; valid: as "
+        "mask, counting only neutral states that also pass smact's Pauling electronegativity test",
     )
     relaxation: float = Field(
         0.0,

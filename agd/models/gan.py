@@ -270,12 +270,13 @@ class SlotGenerator(nn.Module):
         relaxation: float = 0.0,
         charge_guide: str = "off",
         oxidation_states: Sequence[Sequence[int] | None] | None = None,
+        electronegativities: Sequence[float | None] | None = None,
     ) -> None:
         super().__init__()
         if sample_temperature < 0:
             raise ValueError(f"sample_temperature must be >= 0, got {sample_temperature}")
-        if charge_guide not in ("off", "input", "mask"):
-            raise ValueError(f"unknown charge_guide {charge_guide!r}: choose off, input or mask")
+        if charge_guide not in _GUIDES:
+            raise ValueError(f"unknown charge_guide {charge_guide!r}: choose one of {', '.join(_GUIDES)}")
         if not 1 <= min_slots <= slots <= n_elements or n_counts < 2:
             raise ValueError(
                 f"need 1 <= min_slots <= slots <= n_elements and n_counts >= 2, "
@@ -290,7 +291,8 @@ class SlotGenerator(nn.Module):
         self.relaxation = relaxation
         #: "input": the GRU sees which total charges the picks so far can reach, and each pick and count
         #: head gets a learnt bonus for the choices that would make the composition charge neutral;
-        #: "mask": that too, and the composition must be neutral to stop (:class:`_ChargeTracker`)
+        #: "mask": that too, and the composition must be neutral to stop (:class:`_ChargeTracker`);
+        #: "valid": as mask, with neutral meaning neutral with electronegativity-balanced ions
         self.charge_guide = charge_guide
         width = hidden[-1]
         guide_inputs = 0
@@ -300,6 +302,14 @@ class SlotGenerator(nn.Module):
                     f"charge_guide {charge_guide!r} needs the oxidation states of all {n_elements} elements"
                 )
             states, known = _state_table(oxidation_states)
+            if charge_guide == "valid":
+                if electronegativities is None or len(electronegativities) != n_elements:
+                    raise ValueError(
+                        f"charge_guide 'valid' needs the electronegativities of all {n_elements} elements"
+                    )
+                rank, has_eneg = _eneg_ranks(electronegativities)
+                known &= has_eneg.unsqueeze(-1)  # smact's Pauling test fails any pair with such an element
+                self.register_buffer("eneg_rank", rank)
             # saved with the weights, so a loaded generator keeps the chemistry it was trained with
             self.register_buffer("oxidation_states", states)
             self.register_buffer("has_state", known)
@@ -334,7 +344,14 @@ class SlotGenerator(nn.Module):
         stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         present = noise.new_zeros(batch, n_el, n_c - 1)
         guide = (
-            _ChargeTracker(self.oxidation_states, self.has_state, n_c - 1, slots, batch)
+            _ChargeTracker(
+                self.oxidation_states,
+                self.has_state,
+                n_c - 1,
+                slots,
+                batch,
+                self.eneg_rank if self.charge_guide == "valid" else None,
+            )  # fmt: skip
             if self.charge_guide != "off"
             else None
         )
@@ -348,7 +365,7 @@ class SlotGenerator(nn.Module):
                 pick_logits = pick_logits + self.completion_weight[0] * nn.functional.pad(
                     completes.any(-1).to(pick_logits.dtype), (0, 1)
                 )
-                if self.charge_guide == "mask":
+                if self.charge_guide in _MASKS:
                     # stop only when neutral; the last pick must make it neutral where some pick can
                     closed[:, n_el] |= ~guide.neutral()
                     if step == slots - 1:
@@ -363,7 +380,7 @@ class SlotGenerator(nn.Module):
                 picked = element.detach().argmax(-1)
                 completing = completes[torch.arange(batch, device=device), picked]  # (batch, n_c - 1)
                 count_logits = count_logits + self.completion_weight[1] * completing.to(count_logits.dtype)
-                if self.charge_guide == "mask" and step == slots - 1:
+                if self.charge_guide in _MASKS and step == slots - 1:
                     count_logits = count_logits.masked_fill(
                         ~completing & completing.any(-1, keepdim=True), -1e9
                     )
@@ -399,7 +416,10 @@ class SlotGenerator(nn.Module):
         return torch.randn(n, self.noise_dim, generator=generator).to(device)
 
 
-#: Oxidation states kept per element by a charge-guided generator (smact's sets list at most 9).
+#: A slot generator's charge guides (:class:`SlotGenerator`); the masks decide when it may stop.
+_GUIDES = ("off", "input", "mask", "valid")
+_MASKS = ("mask", "valid")
+#: Oxidation states kept per element by a charge-guided generator (smact's sets list at most 10).
 _MAX_STATES = 12
 #: Total charges -W..W of the picks so far are part of a charge-guided GRU's input.
 _CHARGE_WINDOW = 12
@@ -420,54 +440,137 @@ def _state_table(oxidation_states: Sequence[Sequence[int] | None]) -> tuple[torc
     return states, known
 
 
+def _eneg_ranks(electronegativities: Sequence[float | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per element its rank 1..m among the distinct electronegativities, and whether it has one."""
+    has = torch.tensor([e is not None for e in electronegativities], dtype=torch.bool)
+    values = sorted({float(e) for e in electronegativities if e is not None})
+    position = {v: i + 1 for i, v in enumerate(values)}
+    rank = [position[float(e)] if e is not None else 1 for e in electronegativities]
+    return torch.tensor(rank, dtype=torch.long), has
+
+
 class _ChargeTracker:
     """The total charges a partial composition can reach, one oxidation state per element (smact's rule).
 
-    ``reach[b, Q + q]`` is True when some choice of one listed oxidation state per picked element gives
-    the picks of row ``b`` the total charge ``q``; an element without states empties the set, so that row
-    can never be neutral. A composition is charge neutral in smact's sense exactly when 0 is reachable
-    (``neutral_ratios`` with one stoichiometry per element is the sum rule). Everything here follows the
-    hard draws, so it carries no gradient.
+    Charge only (``rank`` None): ``reach[b, 0, Q + q]`` is True when some choice of one listed oxidation
+    state per picked element gives the picks of row ``b`` the total charge ``q``; an element without
+    states empties the set, so that row can never be neutral. A composition is charge neutral in smact's
+    sense exactly when 0 is reachable (``neutral_ratios`` with one stoichiometry per element is the sum
+    rule).
+
+    With ``rank`` (each element's electronegativity rank, 1..m, equal for equal values) the states must
+    also pass smact's Pauling test: every cation (state > 0) less electronegative than every anion
+    (state < 0). That holds exactly when some cut c in 0..m puts every cation at rank <= c and every anion
+    above it, so the tracker keeps the reachable charges per cut. The picked elements' ranks split the
+    cuts into at most ``slots + 1`` segments within which every cut reaches the same charges, so
+    ``reach[b, s]`` is kept per segment: segment s holds the cuts ``lo[s] <= c < hi[s]`` and an element
+    of rank r is on the cation side (states >= 0) of the segments with ``lo >= r``, on the anion side
+    (states <= 0) of the others. Everything here follows the hard draws, so it carries no gradient.
     """
 
     def __init__(
-        self, states: torch.Tensor, known: torch.Tensor, max_count: int, slots: int, batch: int
+        self,
+        states: torch.Tensor,
+        known: torch.Tensor,
+        max_count: int,
+        slots: int,
+        batch: int,
+        rank: torch.Tensor | None = None,
     ) -> None:
-        self.states, self.known, self.max_count = states, known, max_count
+        device = states.device
+        width = int(known.sum(-1).max()) if known.any() else 1  # states beyond this are padding everywhere
+        self.states, self.known = states[:, :width], known[:, :width]
         self.q = int(states.abs().max()) * max_count * slots
-        self.reach = torch.zeros(batch, 2 * self.q + 1, dtype=torch.bool, device=states.device)
-        self.reach[:, self.q] = True
-        # charge state * count for every (element, state, count); where it is listed
-        counts = torch.arange(1, max_count + 1, device=states.device)
-        self.shift = states.unsqueeze(-1) * counts  # (n_el, K, max_count)
-        self.shift_known = known.unsqueeze(-1).expand_as(self.shift)
+        self.rank = rank
+        segments = 1 if rank is None else slots + 1
+        self.reach = torch.zeros(batch, segments, 2 * self.q + 1, dtype=torch.bool, device=device)
+        self.reach[:, 0, self.q] = True
+        if rank is not None:
+            self.n_cuts = int(rank.max()) + 1  # cuts 0..m
+            # segment boundaries, sorted; unused ones sit at n_cuts (empty segments)
+            self.bounds = torch.full((batch, slots), self.n_cuts, dtype=torch.long, device=device)
+        self.used = 1  # segments that can be non-empty so far
+        # charge state * count for every (element, state, count)
+        counts = torch.arange(1, max_count + 1, device=device)
+        self.shift = self.states.unsqueeze(-1) * counts  # (n_el, K, max_count)
+        self.as_cation = self.known & (self.states >= 0)  # a state an element may take below / above a cut
+        self.as_anion = self.known & (self.states <= 0)
+
+    def _segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch, used) lower and upper cut of each segment in use, and whether it holds any cut."""
+        bounds = self.bounds
+        lo = torch.cat([torch.zeros_like(bounds[:, :1]), bounds], dim=1)[:, : self.used]
+        hi = torch.cat([bounds, torch.full_like(bounds[:, :1], self.n_cuts)], dim=1)[:, : self.used]
+        return lo, hi, lo < hi
+
+    def _reachable(self) -> torch.Tensor:
+        """(batch, 2Q + 1): charges reachable in some segment that holds a cut."""
+        reach = self.reach[:, : self.used]
+        if self.rank is None:
+            return reach[:, 0]
+        _, _, filled = self._segments()
+        return (reach & filled.unsqueeze(-1)).any(1)
 
     def neutral(self) -> torch.Tensor:
-        """(batch,) True where the picks so far can be charge neutral."""
-        return self.reach[:, self.q]
+        """(batch,) True where the picks so far can be charge neutral (and balanced, with ``rank``)."""
+        return self._reachable()[:, self.q]
 
     def window(self, width: int) -> torch.Tensor:
         """(batch, 2 width + 1) float: which total charges -width..width are reachable."""
-        return self.reach[:, self.q - width : self.q + width + 1].float()
+        return self._reachable()[:, self.q - width : self.q + width + 1].float()
 
     def completions(self) -> torch.Tensor:
         """(batch, n_el, max_count) True where adding that element with that count makes 0 reachable."""
         index = (self.q - self.shift).clamp(0, 2 * self.q)  # the charge the picks so far must reach
-        hit = self.reach[:, index.flatten()].view(-1, *self.shift.shape) & self.shift_known
-        return hit.any(-2)
+        reach = self.reach[:, : self.used]
+        got = reach[:, :, index.flatten()].view(*reach.shape[:2], *self.shift.shape)  # (b, seg, el, K, c)
+        if self.rank is None:
+            return (got[:, 0] & self.known.unsqueeze(-1)).any(-2)
+        as_cation = (got & self.as_cation.unsqueeze(-1)).any(-2)  # (b, seg, el, c)
+        as_anion = (got & self.as_anion.unsqueeze(-1)).any(-2)
+        lo, hi, filled = self._segments()
+        # a segment lends the new element a cut at or above its rank (cation side) or below it (anion side)
+        cation_ok = filled.unsqueeze(-1) & (hi.unsqueeze(-1) > self.rank)
+        anion_ok = filled.unsqueeze(-1) & (lo.unsqueeze(-1) < self.rank)
+        hit = (as_cation & cation_ok.unsqueeze(-1)) | (as_anion & anion_ok.unsqueeze(-1))
+        return hit.any(1)
 
     def add(self, element: torch.Tensor, count: torch.Tensor, rows: torch.Tensor) -> None:
         """Add ``count`` atoms of ``element`` (per row; only where ``rows``) to the picks."""
+        reach = self.reach
+        if self.rank is None:
+            allowed = self.known[element].unsqueeze(1)  # (batch, 1, K)
+        else:
+            # the new element's rank splits the segment that holds it in two
+            r = self.rank[element]
+            at = (self.bounds <= r.unsqueeze(-1)).sum(-1)  # the segment whose cuts include r
+            seg = torch.arange(reach.shape[1], device=reach.device)
+            source = (seg - (seg > at.unsqueeze(-1)).long()).unsqueeze(-1).expand(-1, -1, reach.shape[2])
+            reach = torch.gather(reach, 1, source)
+            slot = torch.arange(self.bounds.shape[1], device=reach.device)
+            after = self.bounds.gather(1, (slot - 1).clamp(min=0).expand_as(self.bounds))
+            bounds = torch.where(
+                slot < at.unsqueeze(-1),
+                self.bounds,
+                torch.where(slot == at.unsqueeze(-1), r.unsqueeze(-1), after),
+            )
+            self.bounds = torch.where(rows.unsqueeze(-1), bounds, self.bounds)
+            self.used = min(self.used + 1, reach.shape[1])
+            lo = torch.cat([torch.zeros_like(bounds[:, :1]), bounds], dim=1)  # (batch, slots + 1)
+            cation = (lo >= r.unsqueeze(-1)).unsqueeze(-1)  # (batch, seg, 1)
+            allowed = torch.where(
+                cation, self.as_cation[element].unsqueeze(1), self.as_anion[element].unsqueeze(1)
+            )
         shifts = self.states[element] * count.unsqueeze(-1)  # (batch, K)
-        listed = self.known[element]
-        width = self.reach.shape[1]
-        positions = torch.arange(width, device=self.reach.device)
-        grown = torch.zeros_like(self.reach)
+        width = reach.shape[-1]
+        positions = torch.arange(width, device=reach.device)
+        grown = torch.zeros_like(reach)
         for k in range(shifts.shape[1]):
             source = positions - shifts[:, k : k + 1]  # reach'[q] |= reach[q - shift]
-            inside = (source >= 0) & (source < width) & listed[:, k : k + 1]
-            grown |= torch.gather(self.reach, 1, source.clamp(0, width - 1)) & inside
-        self.reach = torch.where(rows.unsqueeze(-1), grown, self.reach)
+            inside = ((source >= 0) & (source < width)).unsqueeze(1) & allowed[:, :, k : k + 1]
+            index = source.clamp(0, width - 1).unsqueeze(1).expand_as(reach)
+            grown |= torch.gather(reach, 2, index) & inside
+        self.reach = torch.where(rows.view(-1, 1, 1), grown, self.reach)
 
 
 def build_networks(
@@ -477,10 +580,18 @@ def build_networks(
     states from ``validity_cfg``'s set, the one candidates are checked with)."""
     n_elements, n_counts = vocab.shape
     if cfg.generator_design == "slots":
-        states = None
-        if cfg.charge_guide != "off":
+        states = enegs = None
+        guide = cfg.charge_guide
+        if guide != "off":
             checker = ValidityChecker(validity_cfg)
-            states = [checker.element(symbol).oxidation_states for symbol in vocab.elements]
+            data = [checker.element(symbol) for symbol in vocab.elements]
+            states = [el.oxidation_states for el in data]
+            if guide == "valid" and not checker.config.use_pauling_test:
+                raise ValueError(
+                    "charge_guide 'valid' guides towards the Pauling test, which validity.use_pauling_test "
+                    "turns off: use charge_guide 'mask'"
+                )
+            enegs = [el.electronegativity for el in data] if guide == "valid" else None
         generator: Generator | SlotGenerator = SlotGenerator(
             cfg.noise_dim,
             n_elements,
@@ -490,8 +601,9 @@ def build_networks(
             cfg.min_slots,
             cfg.sample_temperature,
             cfg.relaxation,
-            cfg.charge_guide,
+            guide,
             states,
+            enegs,
         )
     else:
         generator = Generator(

@@ -41,6 +41,15 @@ stop only once neutral and makes its last pick neutralise where one can), 30 epo
 
 (The two guided runs trained side by side on the 2 cores, hence the longer training times.)
 
+Measured 2026-12-06 (session 12) on the pipeline's own model (``dvc repro generate`` with
+``charge_guide: valid``: the neutral states must also pass smact's Pauling test before the generator may
+stop; two threads, 12 minutes), its 100,000-sample quality at the ``generate`` stage's seed:
+
+    charge_guide valid, T = 1.0                                99.8 / 70.1 / 95.6   66,807
+    charge_guide valid, T = 1.3                                99.2 / 82.9 / 96.7   79,439
+    charge_guide valid, T = 1.7 (params.yaml)                  97.4 / 93.0 / 97.7   88,209
+    charge_guide valid, T = 2.0                                95.4 / 96.4 / 98.1   89,989
+
 ``--quick``: 30 epochs, 20,000 samples (about 2-3 minutes). ``--set key=value`` takes YAML values
 (``--set critic_hidden=[1024,512]``); ``--jsonl FILE`` appends the full result.
 """

@@ -522,6 +522,92 @@ def test_charge_tracker_agrees_with_the_validity_check(training):
     np.testing.assert_array_equal(tracker.neutral().numpy(), expected)
 
 
+def _track(samples: list[dict[str, int]], elements: list[str], slots: int, balance: bool):
+    """A tracker fed the compositions ``samples`` element by element (the validity check's chemistry)."""
+    from agd.chem.validity import ValidityChecker
+    from agd.models.gan import _ChargeTracker, _eneg_ranks, _state_table
+
+    data = [ValidityChecker().element(e) for e in elements]
+    states, known = _state_table([d.oxidation_states for d in data])
+    rank = None
+    if balance:
+        rank, has_eneg = _eneg_ranks([d.electronegativity for d in data])
+        known &= has_eneg.unsqueeze(-1)
+    tracker = _ChargeTracker(states, known, 7, slots, len(samples), rank)
+    for slot in range(slots):
+        element = torch.zeros(len(samples), dtype=torch.long)
+        count = torch.ones(len(samples), dtype=torch.long)
+        rows = torch.zeros(len(samples), dtype=torch.bool)
+        for b, c in enumerate(samples):
+            items = list(c.items())
+            if slot < len(items):
+                element[b] = elements.index(items[slot][0])
+                count[b], rows[b] = items[slot][1], True
+        tracker.add(element, count, rows)
+    return tracker
+
+
+def test_balance_tracker_agrees_with_smacts_pauling_test(training):
+    """With electronegativity ranks the tracker says 'can be valid' exactly where the validity check
+    (smact's neutral_ratios and pauling_test) says valid: for whole compositions, and for every
+    element and count that could complete a partial one."""
+    from agd.chem.validity import ValidityChecker
+
+    _, vocab, _ = training
+    checker = ValidityChecker()
+    elements = list(vocab.elements)
+    rng = np.random.default_rng(1)
+    samples = []
+    for _ in range(1500):
+        picks = rng.choice(len(elements), size=rng.integers(2, 6), replace=False)
+        samples.append({elements[i]: int(rng.integers(1, 8)) for i in picks})
+    checked = checker.check_counts(samples)
+    valid, neutral = checked["valid"].to_numpy(), checked["charge_neutral"].to_numpy()
+    assert 0.1 < valid.mean() < neutral.mean() - 0.05  # neutral but unbalanced rows are among them
+    np.testing.assert_array_equal(_track(samples, elements, 5, balance=True).neutral().numpy(), valid)
+    np.testing.assert_array_equal(_track(samples, elements, 5, balance=False).neutral().numpy(), neutral)
+
+    partial = [dict(list(c.items())[: int(rng.integers(1, 4))]) for c in samples[:40]]
+    completes = _track(partial, elements, 3, balance=True).completions().numpy()
+    extended, where = [], []
+    for b, c in enumerate(partial):
+        for e, symbol in enumerate(elements):
+            if symbol not in c:
+                for n in range(1, 8):
+                    extended.append({**c, symbol: n})
+                    where.append((b, e, n - 1))
+    expected = checker.check_counts(extended)["valid"].to_numpy()
+    assert 0.05 < expected.mean() < 0.95
+    np.testing.assert_array_equal(completes[tuple(np.array(where).T)], expected)
+
+
+def test_charge_guide_valid_makes_samples_valid_and_round_trips(training, tmp_path):
+    from agd.chem.validity import ValidityChecker
+    from agd.config import ValidityConfig
+
+    compositions, vocab, known = training
+    checker = ValidityChecker()
+    rates = {}
+    for guide in ("mask", "valid"):
+        generator, _ = build_networks(SLOTS.model_copy(update={"charge_guide": guide}), vocab)
+        frame = pd.concat(sample_formulas(generator, vocab, 1500, seed=3))
+        rates[guide] = checker.check(frame["formula"])["valid"].mean()
+    # untrained: the mask makes samples neutral, the balance guide makes them valid (bar the rows
+    # whose last slot can no longer make them valid)
+    assert rates["mask"] < 0.8 and rates["valid"] > 0.95
+    cfg = SLOTS.model_copy(update={"charge_guide": "valid", "epochs": 2})
+    generator, critic, history = train_gan(compositions[:600], vocab, cfg, progress=False)
+    first = pd.concat(sample_formulas(generator, vocab, 800, seed=7))
+    assert checker.check(first["formula"])["valid"].mean() > 0.95
+    bundle = load_gan(save_gan(tmp_path / "gan", generator, critic, vocab, cfg, history, known))
+    assert torch.equal(bundle.generator.eneg_rank, generator.eneg_rank)
+    pd.testing.assert_frame_equal(
+        first, pd.concat(sample_formulas(bundle.generator, bundle.vocab, 800, seed=7))
+    )
+    with pytest.raises(ValueError, match="use_pauling_test"):
+        build_networks(cfg, vocab, ValidityConfig(use_pauling_test=False))
+
+
 def test_charge_guide_mask_makes_samples_neutral_and_round_trips(training, tmp_path):
     from agd.chem.validity import ValidityChecker
 
