@@ -491,37 +491,6 @@ def test_generator_ema_returns_the_averaged_weights_without_changing_training(tr
         assert torch.allclose(value, follow[0].state_dict()[key], atol=1e-6)
 
 
-def test_charge_tracker_agrees_with_the_validity_check(training):
-    """The generator's running charge bookkeeping says 'neutral' exactly where smact's check does."""
-    from agd.chem.validity import ValidityChecker
-    from agd.models.gan import _ChargeTracker, _state_table
-
-    compositions, vocab, _ = training
-    checker = ValidityChecker()
-    states, known = _state_table([checker.element(e).oxidation_states for e in vocab.elements])
-    rng = np.random.default_rng(0)
-    # real (valid) formulas and random ones (mostly not neutral), up to 4 elements
-    samples = [dict(list(c.items())[:4]) for c in compositions[:150]]
-    for _ in range(250):
-        picks = rng.choice(len(vocab.elements), size=rng.integers(2, 5), replace=False)
-        samples.append({vocab.elements[i]: int(rng.integers(1, 8)) for i in picks})
-    samples = [c for c in samples if max(c.values()) <= 7]
-    tracker = _ChargeTracker(states, known, 7, 4, len(samples))
-    for slot in range(4):
-        element = torch.zeros(len(samples), dtype=torch.long)
-        count = torch.ones(len(samples), dtype=torch.long)
-        rows = torch.zeros(len(samples), dtype=torch.bool)
-        for b, c in enumerate(samples):
-            items = list(c.items())
-            if slot < len(items):
-                element[b] = vocab.elements.index(items[slot][0])
-                count[b], rows[b] = items[slot][1], True
-        tracker.add(element, count, rows)
-    expected = checker.check_counts(samples)["charge_neutral"].to_numpy()
-    assert 0.2 < expected.mean() < 0.8  # both kinds are present
-    np.testing.assert_array_equal(tracker.neutral().numpy(), expected)
-
-
 def _track(samples: list[dict[str, int]], elements: list[str], slots: int, balance: bool):
     """A tracker fed the compositions ``samples`` element by element (the validity check's chemistry)."""
     from agd.chem.validity import ValidityChecker
@@ -545,6 +514,25 @@ def _track(samples: list[dict[str, int]], elements: list[str], slots: int, balan
                 count[b], rows[b] = items[slot][1], True
         tracker.add(element, count, rows)
     return tracker
+
+
+def test_charge_tracker_agrees_with_the_validity_check(training):
+    """The generator's running charge bookkeeping says 'neutral' exactly where smact's check does."""
+    from agd.chem.validity import ValidityChecker
+
+    compositions, vocab, _ = training
+    checker = ValidityChecker()
+    rng = np.random.default_rng(0)
+    # real (valid) formulas and random ones (mostly not neutral), up to 4 elements
+    samples = [dict(list(c.items())[:4]) for c in compositions[:150]]
+    for _ in range(250):
+        picks = rng.choice(len(vocab.elements), size=rng.integers(2, 5), replace=False)
+        samples.append({vocab.elements[i]: int(rng.integers(1, 8)) for i in picks})
+    samples = [c for c in samples if max(c.values()) <= 7]
+    tracker = _track(samples, list(vocab.elements), 4, balance=False)
+    expected = checker.check_counts(samples)["charge_neutral"].to_numpy()
+    assert 0.2 < expected.mean() < 0.8  # both kinds are present
+    np.testing.assert_array_equal(tracker.neutral().numpy(), expected)
 
 
 def test_balance_tracker_agrees_with_smacts_pauling_test(training):
