@@ -257,21 +257,18 @@ def _start_worker(parent: int, initializer: Callable[..., None] | None, initargs
         initializer(*initargs)
 
 
-def exit_with_parent(parent: int | None = None, interval: float = 0.5) -> threading.Thread:
-    """End this process (``os._exit(1)``) once ``parent`` (default: the current parent) is gone.
+def exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """End this process (``os._exit(1)``) once the process ``parent`` is gone.
 
     A daemon thread checks every ``interval`` seconds whether this process has been re-parented,
     which is how a dead parent shows on POSIX; it works in the middle of a long torch operation,
     where a check between epochs would wait for the epoch. Nothing is left to receive a result, so
     the exit is immediate; files the task writes whole-then-renamed stay consistent.
     """
-    parent = os.getppid() if parent is None else parent
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(interval)
         os._exit(1)
 
-    thread = threading.Thread(target=watch, name="agd-exit-with-parent", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=watch, name="agd-exit-with-parent", daemon=True).start()
