@@ -134,3 +134,25 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     second = _run(["dvc", "repro", "pipelines/dvc.yaml"], project, env)
     assert "Running stage" not in second
     assert "up to date" in second.lower()
+
+    # the screener study on this project's outputs: two-member screeners, resumed from its rows file
+    rows = project / "study_rows.csv"
+    study = [
+        sys.executable,
+        "-m",
+        "bench.studies.screener_threshold",
+        "--root",
+        str(project),
+        "--rows",
+        str(rows),
+    ]
+    study += ["--sets", "AL", "--ensemble-size", "2", "--window-low", "2", "--thresholds", "1.5", "2"]
+    _run([*study, "--repeats", "1"], REPO_ROOT, env)
+    assert pd.read_csv(rows)["repeat"].tolist() == [0, 0]
+    report = _run([*study, "--repeats", "2", "--out", str(project / "study.md")], REPO_ROOT, env)
+    assert "AL r0" not in report and "AL r1" in report  # repeat 0 came from the rows file
+    done = pd.read_csv(rows)
+    assert done["repeat"].tolist() == [0, 0, 1, 1] and done["threshold"].tolist() == [1.5, 2, 1.5, 2]
+    assert (done.groupby("repeat")["n_hits"].diff().dropna() <= 0).all()  # a higher threshold, fewer hits
+    text = (project / "study.md").read_text()
+    assert "the mean of 2 Roost models" in text and "| AL | 2 | 2 |" in text

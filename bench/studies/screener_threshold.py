@@ -1,12 +1,18 @@
 """How far can a screener's decision threshold move the screening recovery and precision?
 
     python -m bench.studies.screener_threshold --experiment Exp2 --repeats 10 --out reports/screener_threshold.md
+    python -m bench.studies.screener_threshold --sets AL --repeats 5 --ensemble-size 3 --out reports/screener_ensemble3.md
 
 Trains the screen stage's Roost screeners exactly as the stage does (same split, seed and params, via
 ``agd.screening.screen``) for every training set of one experiment and each repeat, predicts every
 candidate the stage screens, and counts, against the oracle's cached labels, the recovery and precision
 of the > 6 eV window when a candidate is called a hit above thresholds below 6 eV. Needs the outputs of
 ``dvc repro pipelines/dvc.yaml:screen`` (training sets, candidates, oracle, the oracle's cached labels).
+
+``--ensemble-size`` replaces the stage's one Roost per screener by the mean of several (seeds seed ..
+seed + k - 1), to see whether a steadier screener agrees better with the oracle. With ``--rows FILE``
+each finished screener's figures are appended to a CSV and a rerun skips them, so a killed study
+resumes.
 """
 
 from __future__ import annotations
@@ -30,15 +36,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[5.0, 5.25, 5.5, 5.75, 6.0])
     parser.add_argument("--window-low", type=float, default=6.0, help="the oracle's hit window: gap > this")
+    parser.add_argument("--sets", nargs="+", default=None, help="training sets (default: every one)")
+    parser.add_argument("--ensemble-size", type=int, default=None, help="Roost members per screener")
+    parser.add_argument("--rows", default=None, help="CSV of finished screeners (appended; a rerun resumes)")
     parser.add_argument("--out", default=None, help="markdown report (default: print only)")
+    parser.add_argument("--root", type=Path, default=ROOT, help="project whose params and outputs to use")
     args = parser.parse_args(argv)
+    root = args.root
 
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(root / "params.yaml")
     cfg = params.screening
-    training, _ = S.read_training_sets(ROOT / "data/experiments/training_sets.parquet")
-    test = S.external_test_set(ROOT / "data/prepared/dataset.parquet", set(training["key"]))
-    candidates = ROOT / "data/generated/candidates.parquet"
-    oracle = S.oracle_screen(candidates, ROOT / "models/oracle", ROOT / "data/screening/state", cfg, False)
+    if args.ensemble_size:
+        cfg = cfg.model_copy(
+            update={"roost": cfg.roost.model_copy(update={"ensemble_size": args.ensemble_size})}
+        )
+    members = cfg.roost.ensemble_size
+    training, _ = S.read_training_sets(root / "data/experiments/training_sets.parquet")
+    test = S.external_test_set(root / "data/prepared/dataset.parquet", set(training["key"]))
+    candidates = root / "data/generated/candidates.parquet"
+    oracle = S.oracle_screen(candidates, root / "models/oracle", root / "data/screening/state", cfg, False)
     oracle_gaps = oracle.gaps()
     formulas = [f for t in S._candidate_batches(candidates, cfg) for f in t["reduced_formula"].to_pylist()]
     if len(formulas) != len(oracle_gaps):
@@ -48,10 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(formulas):,} candidates, {int(truth.sum())} oracle hits (> {args.window_low:g} eV)", flush=True
     )
 
-    rows = []
+    rows_file = Path(args.rows) if args.rows else None
+    rows = pd.read_csv(rows_file).to_dict("records") if rows_file and rows_file.exists() else []
+    done = {(r["training_set"], r["repeat"]) for r in rows}
     sets = training.loc[training.experiment == args.experiment, "training_set"].unique()
+    if args.sets:
+        unknown = sorted(set(args.sets) - set(sets))
+        if unknown:
+            raise SystemExit(f"{args.experiment} has no training set {unknown}; it has {sorted(sets)}")
+        sets = [s for s in sets if s in args.sets]
     for repeat in range(args.repeats):
         for training_set in sets:
+            if (training_set, repeat) in done:
+                continue
             chosen = training[
                 (training.experiment == args.experiment)
                 & (training.repeat == repeat)
@@ -64,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             prepared = S._prepare_group(group, chosen, test, "study", cfg, progress=False)
             predicted = prepared.screener.predict_formulas(formulas)
             seconds = time.perf_counter() - start
+            new = []
             for threshold in args.thresholds:
                 hit = predicted > threshold
                 found = int((hit & truth).sum())
-                rows.append(
+                new.append(
                     {
                         "training_set": training_set,
                         "repeat": repeat,
@@ -75,9 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                         "n_hits": int(hit.sum()),
                         "recovery": found / truth.sum(),
                         "precision": found / hit.sum() if hit.any() else np.nan,
+                        "r2_test": prepared.info["r2_test"],
                     }
                 )
-            last = rows[-1]
+            rows += new
+            if rows_file:
+                rows_file.parent.mkdir(parents=True, exist_ok=True)
+                pd.DataFrame(new).to_csv(rows_file, mode="a", header=not rows_file.exists(), index=False)
+            last = new[-1]
             print(
                 f"{training_set} r{repeat}: {seconds:.0f} s; at 6 eV recovery {last['recovery']:.3f}, "
                 f"precision {last['precision']:.3f}",
@@ -91,20 +122,23 @@ def main(argv: list[str] | None = None) -> int:
         recovery_std=("recovery", "std"),
         precision=("precision", "mean"),
         precision_std=("precision", "std"),
+        r2_test=("r2_test", "mean"),
     )
     lines = [
         f"# Screener decision threshold: {args.experiment}, Roost screeners, oracle window > {args.window_low:g} eV",
         "",
         f"{len(formulas):,} screened candidates, {int(truth.sum())} oracle hits; mean ± std over repeats.",
         "A candidate is a hit when the screener predicts more than the threshold.",
+        f"Each screener is {'one Roost model' if members == 1 else f'the mean of {members} Roost models'}"
+        " trained as the screen stage trains it; R² test is on the stage's external test set.",
         "",
-        "| training set | threshold (eV) | repeats | hits | recovery (%) | precision (%) |",
-        "|---|---|---|---|---|---|",
+        "| training set | threshold (eV) | repeats | hits | recovery (%) | precision (%) | R² test |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (training_set, threshold), r in summary.iterrows():
         lines.append(
             f"| {training_set} | {threshold:g} | {int(r.repeats)} | {r.hits:,.0f} | "
-            f"{100 * r.recovery:.1f} ± {100 * r.recovery_std:.1f} | {100 * r.precision:.1f} ± {100 * r.precision_std:.1f} |"
+            f"{100 * r.recovery:.1f} ± {100 * r.recovery_std:.1f} | {100 * r.precision:.1f} ± {100 * r.precision_std:.1f} | {r.r2_test:.3f} |"
         )
     report = "\n".join(lines) + "\n"
     print(report)
