@@ -146,7 +146,8 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
         "--rows",
         str(rows),
     ]
-    study += ["--sets", "AL", "--ensemble-size", "2", "--window-low", "2", "--thresholds", "1.5", "2"]
+    study += ["--sets", "AL", "--ensemble-size", "2", "--roost", "epochs=3", "--window-low", "2"]
+    study += ["--thresholds", "1.5", "2"]
     _run([*study, "--repeats", "1"], REPO_ROOT, env)
     assert pd.read_csv(rows)["repeat"].tolist() == [0, 0]
     report = _run([*study, "--repeats", "2", "--out", str(project / "study.md")], REPO_ROOT, env)
@@ -155,4 +156,5 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     assert done["repeat"].tolist() == [0, 0, 1, 1] and done["threshold"].tolist() == [1.5, 2, 1.5, 2]
     assert (done.groupby("repeat")["n_hits"].diff().dropna() <= 0).all()  # a higher threshold, fewer hits
     text = (project / "study.md").read_text()
-    assert "the mean of 2 Roost models" in text and "| AL | 2 | 2 |" in text
+    assert "the mean of 2 Roost models trained as the screen stage trains it, with epochs=3" in text
+    assert "| AL | 2 | 2 |" in text

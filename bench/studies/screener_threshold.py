@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from agd.config import load_params
 from agd.screening import screen as S
@@ -38,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-low", type=float, default=6.0, help="the oracle's hit window: gap > this")
     parser.add_argument("--sets", nargs="+", default=None, help="training sets (default: every one)")
     parser.add_argument("--ensemble-size", type=int, default=None, help="Roost members per screener")
+    parser.add_argument(
+        "--roost",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="other screening.roost settings (YAML values)",
+    )
     parser.add_argument("--rows", default=None, help="CSV of finished screeners (appended; a rerun resumes)")
     parser.add_argument("--out", default=None, help="markdown report (default: print only)")
     parser.add_argument("--root", type=Path, default=ROOT, help="project whose params and outputs to use")
@@ -46,10 +54,20 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(root / "params.yaml")
     cfg = params.screening
+    overrides = {}
+    for item in args.roost:
+        key, sep, value = item.partition("=")
+        if not sep or key not in type(cfg.roost).model_fields:
+            raise SystemExit(f"--roost {item!r}: expected KEY=VALUE with KEY a screening.roost setting")
+        overrides[key] = yaml.safe_load(value)
     if args.ensemble_size:
-        cfg = cfg.model_copy(
-            update={"roost": cfg.roost.model_copy(update={"ensemble_size": args.ensemble_size})}
-        )
+        overrides["ensemble_size"] = args.ensemble_size
+    if overrides:  # validated as params.yaml is
+        try:
+            roost = type(cfg.roost)(**{**cfg.roost.model_dump(), **overrides})
+        except ValueError as exc:  # pydantic's ValidationError names the field and the problem
+            raise SystemExit(f"--roost / --ensemble-size: {exc}") from None
+        cfg = cfg.model_copy(update={"roost": roost})
     members = cfg.roost.ensemble_size
     training, _ = S.read_training_sets(root / "data/experiments/training_sets.parquet")
     test = S.external_test_set(root / "data/prepared/dataset.parquet", set(training["key"]))
@@ -130,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(formulas):,} screened candidates, {int(truth.sum())} oracle hits; mean ± std over repeats.",
         "A candidate is a hit when the screener predicts more than the threshold.",
         f"Each screener is {'one Roost model' if members == 1 else f'the mean of {members} Roost models'}"
-        " trained as the screen stage trains it; R² test is on the stage's external test set.",
+        " trained as the screen stage trains it"
+        + (f", with {', '.join(args.roost)}" if args.roost else "")
+        + "; R² test is on the stage's external test set.",
         "",
         "| training set | threshold (eV) | repeats | hits | recovery (%) | precision (%) | R² test |",
         "|---|---|---|---|---|---|---|",
