@@ -155,6 +155,15 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     done = pd.read_csv(rows)
     assert done["repeat"].tolist() == [0, 0, 1, 1] and done["threshold"].tolist() == [1.5, 2, 1.5, 2]
     assert (done.groupby("repeat")["n_hits"].diff().dropna() <= 0).all()  # a higher threshold, fewer hits
+    changed = subprocess.run(
+        [*study, "--repeats", "2", "--window-low", "1"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert changed.returncode != 0 and "other settings" in changed.stderr  # not mixed into the rows file
+    assert len(pd.read_csv(rows)) == 4
     text = (project / "study.md").read_text()
     assert "the mean of 2 Roost models trained as the screen stage trains it, with epochs=3" in text
     assert "| AL | 2 | 2 |" in text

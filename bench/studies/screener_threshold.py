@@ -18,6 +18,7 @@ resumes.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -82,8 +83,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(formulas):,} candidates, {int(truth.sum())} oracle hits (> {args.window_low:g} eV)", flush=True
     )
 
+    # what makes a screener's figures comparable: a rows file made with other settings is not resumed
+    settings = json.dumps(
+        {
+            "experiment": args.experiment,
+            "roost": cfg.roost.model_dump(),
+            "thresholds": args.thresholds,
+            "window_low": args.window_low,
+            "n_candidates": len(formulas),
+        },
+        sort_keys=True,
+    )
     rows_file = Path(args.rows) if args.rows else None
     rows = pd.read_csv(rows_file).to_dict("records") if rows_file and rows_file.exists() else []
+    other = {str(r.get("settings")) for r in rows} - {settings}  # "nan": a file without the column
+    if other:
+        raise SystemExit(
+            f"{rows_file} holds screeners made with other settings ({sorted(other)[0]}); "
+            f"this run's are {settings}: pass another --rows file"
+        )
     done = {(r["training_set"], r["repeat"]) for r in rows}
     sets = training.loc[training.experiment == args.experiment, "training_set"].unique()
     if args.sets:
@@ -120,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                         "recovery": found / truth.sum(),
                         "precision": found / hit.sum() if hit.any() else np.nan,
                         "r2_test": prepared.info["r2_test"],
+                        "settings": settings,
                     }
                 )
             rows += new
@@ -128,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 pd.DataFrame(new).to_csv(rows_file, mode="a", header=not rows_file.exists(), index=False)
             last = new[-1]
             print(
-                f"{training_set} r{repeat}: {seconds:.0f} s; at 6 eV recovery {last['recovery']:.3f}, "
+                f"{training_set} r{repeat}: {seconds:.0f} s; at {last['threshold']:g} eV recovery {last['recovery']:.3f}, "
                 f"precision {last['precision']:.3f}",
                 flush=True,
             )
