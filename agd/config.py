@@ -556,6 +556,11 @@ class ScreeningConfig(_Section):
     train_jobs: int = Field(
         1, ge=1, description="screening models trained at once, one process each (1: in this process)"
     )
+    screen_jobs: int = Field(
+        1,
+        ge=1,
+        description="cached candidate parts screened at once, one process each (1: in this process)",
+    )
     predict_unknown_elements: bool = Field(
         True,
         description="predict candidates with elements absent from a model's training set (False: no hit)",

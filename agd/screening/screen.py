@@ -412,6 +412,9 @@ class Group:
         return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
+_ROOST_BATCH = 256  # formulas per Roost forward pass when screening (what RoostModel.predict uses)
+
+
 @dataclass
 class _ChunkInputs:
     """One candidate chunk, featurised lazily and at most once per representation."""
@@ -420,6 +423,7 @@ class _ChunkInputs:
     cfg: ScreeningConfig
     _features: Any = None
     _encoded: Any = None
+    _graphs: list[tuple[np.ndarray, Any]] | None = None
     _elements: tuple[list[str], np.ndarray] | None = None
 
     def features(self) -> tuple[np.ndarray, np.ndarray]:
@@ -438,6 +442,23 @@ class _ChunkInputs:
 
             self._encoded = encode_formulas(self.formulas, embedding_elements(self.cfg.roost.embedding))
         return self._encoded
+
+    def graphs(self) -> list[tuple[np.ndarray, Any]]:
+        """The encoded rows as Roost input batches ``(rows, tensors)`` on the CPU.
+
+        Built once per chunk and fed to every member of every Roost screener in the pass: building a
+        batch costs about half a member's forward pass, and a pass runs 8 screeners of k members each.
+        """
+        if self._graphs is None:
+            from agd.models.roost import graph_batch
+
+            enc = self.encoded()
+            rows = np.flatnonzero(enc.ok)
+            self._graphs = [
+                (rows[first : first + _ROOST_BATCH], graph_batch(enc, rows[first : first + _ROOST_BATCH]))
+                for first in range(0, len(rows), _ROOST_BATCH)
+            ]
+        return self._graphs
 
     def known_mask(self, known: frozenset[str]) -> np.ndarray:
         """Rows whose elements are all in ``known``."""
@@ -485,9 +506,7 @@ class _Screener:
             if len(rows):
                 pred[rows] = self.model.forest.predict(features[rows])
         else:
-            enc = inputs.encoded()
-            members = [m.predict_encoded(enc)[0] for m in self.model.members]
-            pred = np.mean(members, axis=0)
+            pred = np.mean(_roost_member_gaps(self.model.members, inputs), axis=0)
         if not self.cfg.predict_unknown_elements:
             pred[~inputs.known_mask(self.elements)] = np.nan
         return pred
@@ -495,6 +514,33 @@ class _Screener:
     def predict_formulas(self, formulas: Sequence[str]) -> np.ndarray:
         """Predicted gaps of a list of formulas (hold-out and test rows)."""
         return self.predict(_ChunkInputs(list(formulas), self.cfg))
+
+
+def _roost_member_gaps(members: Sequence[Any], inputs: _ChunkInputs) -> np.ndarray:
+    """(members x formulas) gaps in eV, NaN where a formula cannot be encoded; each row equals
+    ``member.predict_encoded(inputs.encoded())[0]`` (same batches, same forward), on shared batches."""
+    import torch
+
+    from agd.models.roost import roost_forward
+
+    gaps = np.full((len(members), len(inputs.formulas)), np.nan)
+    threads = members[0].config.num_threads if members else None
+    before = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        with torch.inference_mode():
+            for j, member in enumerate(members):
+                member.net.eval()
+                device = next(member.net.parameters()).device
+                for rows, batch in inputs.graphs():
+                    if device.type != "cpu":
+                        batch = tuple(t.to(device) for t in batch)
+                    out = roost_forward(member.net, batch).double().cpu().numpy()
+                    gaps[j, rows] = out[:, 0] * member.std + member.mean
+    finally:
+        torch.set_num_threads(before)
+    return gaps
 
 
 def _train_screener(
@@ -631,9 +677,8 @@ def _train_pass(
     return list(tqdm(results, total=len(items), desc=desc, disable=not progress))
 
 
-def _training_pool(cfg: ScreeningConfig, n_groups: int, executor: Executor | None) -> Any:
-    """A pool of ``train_jobs`` spawned processes for the whole stage, or None (train in this process)."""
-    jobs = min(cfg.train_jobs, n_groups)
+def _worker_pool(jobs: int, executor: Executor | None) -> Any:
+    """A pool of ``jobs`` spawned one-thread processes for the whole stage, or None (work in this process)."""
     if jobs <= 1 or not is_local(executor):
         return None
     from agd.executors import spawn_pool
@@ -648,23 +693,28 @@ def _screen_pass(
     progress: bool,
     desc: str,
     executor: Executor | None = None,
+    pool: Any = None,
 ) -> None:
     """Stream the cached candidates once; every model predicts every chunk; counts and hits accumulate.
 
-    With a Ray executor each cached part is one task (the pass's screeners go to the object store
-    once); the results are merged in part order, so counts and hit tables are those of the local loop.
+    Each cached part can be screened apart from the others: in a process ``pool`` (``screen_jobs``)
+    or as a Ray task (the pass's screeners go to the object store once). The results are merged in
+    part order, so counts and hit tables are those of the loop in this process.
     """
     for item in prepared:
         item.n_candidates = dict.fromkeys(cfg.windows, 0)
         item.n_recovered = dict.fromkeys(cfg.windows, 0)
     screeners = [(item.group, item.screener) for item in prepared]
-    if is_local(executor):
-        for part in tqdm(screen.parts, desc=desc, unit="chunk", disable=not progress):
-            _merge_part(prepared, _screen_part(pq.read_table(part), screeners, cfg))
-        return
     parts = [str(p.resolve()) for p in screen.parts]  # a Ray worker's working directory is not ours
-    results = executor.map(_screen_part_file, parts, screeners, cfg, progress=progress, desc=desc)
-    for result in results:
+    if not is_local(executor):
+        results = executor.map(_screen_part_file, parts, screeners, cfg, progress=progress, desc=desc)
+    elif pool is not None and len(parts) > 1:
+        from itertools import repeat
+
+        results = pool.map(_screen_part_file, parts, repeat(screeners), repeat(cfg))  # in part order
+    else:
+        results = (_screen_part_file(part, screeners, cfg) for part in parts)
+    for result in tqdm(results, total=len(parts), desc=desc, unit="chunk", disable=not progress):
         _merge_part(prepared, result)
 
 
@@ -933,8 +983,12 @@ def run_screening_stage(
             _report_group(on_group, group, record)
     log.info("screening: %d groups, %d stored, %d to run", len(groups), len(records), len(todo))
     n_passes = math.ceil(len(todo) / cfg.groups_per_pass)
-    pool = _training_pool(cfg, len(todo), executor)
-    with pool if pool is not None else contextlib.nullcontext():
+    pool = _worker_pool(min(cfg.train_jobs, len(todo)), executor)
+    screen_pool = _worker_pool(min(cfg.screen_jobs, len(screen.parts)) if todo else 1, executor)
+    with (
+        pool if pool is not None else contextlib.nullcontext(),
+        screen_pool if screen_pool is not None else contextlib.nullcontext(),
+    ):
         for p in range(n_passes):
             batch = todo[p * cfg.groups_per_pass : (p + 1) * cfg.groups_per_pass]
             items = [
@@ -945,7 +999,7 @@ def run_screening_stage(
                 items, test, cfg, progress, f"training pass {p + 1}/{n_passes}", executor, pool
             )
             _screen_pass(
-                ready, screen, cfg, progress, desc=f"screening pass {p + 1}/{n_passes}", executor=executor
+                ready, screen, cfg, progress, f"screening pass {p + 1}/{n_passes}", executor, screen_pool
             )
             for item in ready:
                 records[item.group] = _store_group(groups_state, item, n_oracle)

@@ -262,10 +262,34 @@ def test_a_screener_flags_predictions_outside_its_label_range():
     ]  # fmt: skip
 
 
-def test_models_trained_in_worker_processes_give_the_same_tables(first, inputs, tmp_path):
-    """train_jobs: 2 trains a pass's groups in two spawned processes; the tables are those of one process."""
+def test_a_roost_screener_predicts_as_its_members_do_on_shared_batches(shared_data):
+    """Screening builds each chunk's Roost batches once for every member of every screener; the gaps
+    must equal each member's own prediction, bit for bit, with NaN where a formula cannot be encoded."""
+    from agd.models.roost import train_ensemble
+
+    rows = read_shared_csv(shared_data / "mp_gap_agd_exp1.csv").head(700)
+    formulas = rows["reduced_formula"].tolist()
+    cfg = TINY.roost.model_copy(update={"ensemble_size": 2, "epochs": 1})
+    model = train_ensemble(
+        formulas[:300], rows["band_gap"].to_numpy(float)[:300], None, None, cfg, 3, progress=False
+    )
+    screener = _Screener("roost", model, model.elements, TINY, (0.0, 9.0))
+    chunk = formulas[300:] + ["Xx2O", "Og2O3"]  # unparsable, and an element the embedding lacks
+    inputs = screen_module._ChunkInputs(chunk, TINY)
+    own = np.array([m.predict_encoded(inputs.encoded())[0] for m in model.members])  # the stock path
+    shared = screen_module._roost_member_gaps(model.members, inputs)
+    np.testing.assert_array_equal(shared, own)
+    assert np.isnan(shared[:, -2:]).all() and not np.isnan(shared[:, :-2]).any()
+    assert not np.array_equal(shared[0], shared[1])  # two members, two different models
+    np.testing.assert_array_equal(screener.predict(inputs), own.mean(axis=0))
+
+
+def test_models_trained_and_parts_screened_in_worker_processes_give_the_same_tables(first, inputs, tmp_path):
+    """train_jobs: 2 trains a pass's groups in two spawned processes and screen_jobs: 2 screens the
+    cached candidate parts (4 here) in two others; the tables are those of one process."""
     out = tmp_path / "two-jobs"
-    _run(inputs, out, TINY.model_copy(update={"train_jobs": 2}))
+    summary = _run(inputs, out, TINY.model_copy(update={"train_jobs": 2, "screen_jobs": 2}))
+    assert len(list((out / "state" / "oracle").glob("*/part-*.parquet"))) > 2, summary
     for name in ("metrics.parquet", "hits.parquet", "table1.parquet"):
         pd.testing.assert_frame_equal(
             pd.read_parquet(first / name), pd.read_parquet(out / name), check_exact=True, obj=name
