@@ -7,12 +7,15 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import json
 import os
+from functools import lru_cache
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -151,6 +154,38 @@ class RoostConfig(_Section):
     )
     finetune_lr_factor: float = Field(0.1, gt=0, description="fine-tune learning rate / learning_rate")
     device: str = "cpu"
+
+    @field_validator("embedding")
+    @classmethod
+    def _aviary_can_load(cls, name: str) -> str:
+        problem = embedding_problem(name)
+        if problem:
+            raise ValueError(f"{problem}; choose matscholar200, cgcnn92 or onehot112")
+        return name
+
+
+@lru_cache(maxsize=8)
+def embedding_problem(name: str) -> str | None:
+    """Why aviary cannot build a Roost with its element embedding ``name`` (None: it can).
+
+    aviary 1.2.1 ships a ``megnet16.json`` with a ``Null`` entry, which its own loader passes to
+    pymatgen's ``Element`` and dies on. Checked from the file, so a fixed aviary is accepted again.
+    """
+    spec = find_spec("aviary")
+    if spec is None or spec.origin is None:
+        return None  # no aviary: the Roost model reports that itself when it is used
+    path = Path(spec.origin).parent / "embeddings" / "element" / f"{name}.json"
+    if not path.is_file():
+        return f"the installed aviary has no element embedding {name!r} ({path} is missing)"
+    from pymatgen.core.periodic_table import Element
+
+    bad = sorted(key for key in json.loads(path.read_text()) if not Element.is_valid_symbol(key))
+    if bad:
+        return (
+            f"the installed aviary's {name} embedding has entries that are not elements ({', '.join(bad)}), "
+            "and aviary cannot load it"
+        )
+    return None
 
 
 class ForestConfig(_Section):

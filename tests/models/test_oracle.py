@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import numpy as np
 import pandas as pd
@@ -100,6 +101,25 @@ def test_batches_and_forward_match_aviary(exp1):
     with torch.no_grad():
         # aviary orders each formula's elements its own way; the model does not depend on the order
         assert torch.allclose(net(*theirs)[0], roost_forward(net, ours), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", typing.get_args(RoostConfig.model_fields["embedding"].annotation))
+def test_an_embedding_the_config_accepts_builds_a_roost_and_one_it_rejects_fails_in_aviary(name):
+    from aviary.utils import get_element_embedding
+
+    small = {"elem_fea_len": 8, "hidden": 16, "trunk_hidden": [16], "out_hidden": [8]}
+    try:
+        cfg = RoostConfig(embedding=name, **small)
+    except ValueError as exc:  # refused at params.yaml time: aviary must really be unable to load it
+        assert "choose matscholar200" in str(exc)
+        with pytest.raises(ValueError):
+            get_element_embedding(name)
+        return
+    formulas = ["NaCl", "Al2O3", "GaN"]
+    batch = graph_batch(encode_formulas(formulas, embedding_elements(name)), np.arange(3))
+    with torch.no_grad():
+        out = roost_forward(build_roost(cfg, robust=False).eval(), batch)
+    assert out.shape == (3, 1) and torch.isfinite(out).all()
 
 
 def test_roost_loss_decreases_and_history_is_reported(ensemble):
