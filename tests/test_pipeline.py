@@ -146,24 +146,39 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
         "--rows",
         str(rows),
     ]
-    study += ["--sets", "AL", "--ensemble-size", "2", "--roost", "epochs=3", "--window-low", "2"]
-    study += ["--thresholds", "1.5", "2"]
+    study += ["--ensemble-size", "2", "--roost", "epochs=3", "--window-low", "1", "--thresholds", "1.5", "2"]
+    more = [*study, "--sets", "AL", "random"]  # the random control joins in the second run
+    study += ["--sets", "AL"]
     _run([*study, "--repeats", "1"], REPO_ROOT, env)
     assert pd.read_csv(rows)["repeat"].tolist() == [0, 0]
-    report = _run([*study, "--repeats", "2", "--out", str(project / "study.md")], REPO_ROOT, env)
-    assert "AL r0" not in report and "AL r1" in report  # repeat 0 came from the rows file
+    report = _run([*more, "--repeats", "2", "--out", str(project / "study.md")], REPO_ROOT, env)
+    assert "AL r0" not in report and "AL r1" in report and "random r0" in report  # AL r0 came from the file
     done = pd.read_csv(rows)
-    assert done["repeat"].tolist() == [0, 0, 1, 1] and done["threshold"].tolist() == [1.5, 2, 1.5, 2]
-    assert (done.groupby("repeat")["n_hits"].diff().dropna() <= 0).all()  # a higher threshold, fewer hits
+    al = done[done.training_set == "AL"]
+    assert al["repeat"].tolist() == [0, 0, 1, 1] and al["threshold"].tolist() == [1.5, 2, 1.5, 2]
+    assert done["recovery"].notna().all()  # the tiny oracle labels every candidate above 1 eV
+    assert len(done) == 8 and not done.duplicated(["training_set", "repeat", "threshold"]).any()
+    assert (done.groupby(["training_set", "repeat"])["n_hits"].diff().dropna() <= 0).all()  # higher: fewer
     changed = subprocess.run(
-        [*study, "--repeats", "2", "--window-low", "1"],
+        [*study, "--repeats", "2", "--window-low", "0.5"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
     )
     assert changed.returncode != 0 and "other settings" in changed.stderr  # not mixed into the rows file
-    assert len(pd.read_csv(rows)) == 4
+    assert len(pd.read_csv(rows)) == 8
     text = (project / "study.md").read_text()
     assert "the mean of 2 Roost models trained as the screen stage trains it, with epochs=3" in text
     assert "| AL | 2 | 2 |" in text
+    paired = done.pivot_table(index=["repeat", "threshold"], columns="training_set", values="recovery")
+    gap = 100 * (paired["AL"] - paired["random"]).loc[(slice(None), 2.0)]
+    assert f"| 2 | 2 | {gap.mean():+.1f} ± {gap.std():.1f} | {int((gap > 0).sum())} of 2 |" in text
+
+    # another screening seed makes other screeners: refused too, not mixed in
+    params["screening"]["seed"] += 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    reseeded = subprocess.run(
+        [*study, "--repeats", "2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    assert reseeded.returncode != 0 and "other settings" in reseeded.stderr and len(pd.read_csv(rows)) == 8

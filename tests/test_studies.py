@@ -77,6 +77,26 @@ def test_study_trains_resumes_and_reports(tiny_split, tmp_path: Path, capsys) ->
     assert abs(r2 - expected) < 1e-4
 
 
+def test_report_compares_a_mixed_embedding_ensemble_with_base_seeds(tiny_split, tmp_path: Path) -> None:
+    data, prepared = tiny_split
+    work = tmp_path / "work"
+    common = ["--prepared", str(prepared), "--work", str(work), "train", "--epochs", "2", "--workers", "1"]
+    assert oracle_study.main([*common, "--variant", "base", "--seeds", "0", "1"]) == 0
+    text = oracle_study.report(prepared, work)
+    assert "Mixed embeddings" not in text  # nothing to mix yet
+    assert oracle_study.main([*common, "--variant", "cgcnn92", "--seeds", "0"]) == 0
+    text = oracle_study.report(prepared, work)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| base")}
+    mixed = rows["base, first 1 seeds + cgcnn92 seed 0"]
+    base0, other = (np.load(work / v / "seed0.npz")["pred"] for v in ("base", "cgcnn92"))
+    y = data["band_gap"].to_numpy()[-40:]
+    pred = (base0 + other) / 2
+    ok = np.isfinite(pred)
+    expected = 1 - np.sum((y[ok] - pred[ok]) ** 2) / np.sum((y[ok] - y[ok].mean()) ** 2)
+    assert float(mixed.split("|")[2]) == pytest.approx(expected, abs=1e-4)
+    assert "| base, 2 seeds |" in text
+
+
 def test_ensemble_extrapolation_is_exact_at_k_and_recovers_a_known_bias_and_spread() -> None:
     rng = np.random.default_rng(0)
     y = rng.normal(0, 2, 20_000)
