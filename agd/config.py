@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 from functools import lru_cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -160,7 +161,9 @@ class RoostConfig(_Section):
     def _aviary_can_load(cls, name: str) -> str:
         problem = embedding_problem(name)
         if problem:
-            raise ValueError(f"{problem}; choose matscholar200, cgcnn92 or onehot112")
+            names = typing.get_args(cls.model_fields["embedding"].annotation)
+            usable = [other for other in names if not embedding_problem(other)]
+            raise ValueError(f"{problem}; choose one of {', '.join(usable)}")
         return name
 
 
