@@ -144,3 +144,21 @@ def test_killing_the_study_stops_its_training_workers(tiny_split, tmp_path: Path
             if worker.is_running():
                 worker.kill()
     assert not (tmp_path / "work" / "base" / "seed0.npz").exists()
+
+
+def test_screener_study_pairs_al_with_random_by_repeat() -> None:
+    from bench.studies.screener_threshold import _paired_lines
+
+    frame = pd.DataFrame(
+        {
+            "training_set": ["AL", "AL", "AL", "random", "random", "BS"],
+            "repeat": [0, 1, 2, 0, 1, 0],  # AL repeat 2 has no random partner: left out
+            "threshold": [6.0] * 6,
+            "recovery": [0.50, 0.40, 0.90, 0.30, 0.45, 0.99],
+            "precision": [0.20, 0.30, 0.90, 0.10, 0.10, 0.99],
+        }
+    )
+    lines = _paired_lines(frame, "AL", "random")
+    # recovery: +20 and -5 points -> mean +7.5, std 17.7; precision: +10 and +20 -> +15.0 +- 7.1
+    assert lines[-1] == "| 6 | 2 | +7.5 ± 17.7 | 1 of 2 | +15.0 ± 7.1 | 2 of 2 |"
+    assert _paired_lines(frame[frame.training_set != "random"], "AL", "random") == []
