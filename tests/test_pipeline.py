@@ -175,6 +175,20 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     gap = 100 * (paired["AL"] - paired["random"]).loc[(slice(None), 2.0)]
     assert f"| 2 | 2 | {gap.mean():+.1f} ± {gap.std():.1f} | {int((gap > 0).sum())} of 2 |" in text
 
+    # screeners refit on all rows of their set are other screeners: refused in this file; in a file of
+    # their own, their external-test R2 is the refit model's, not the 80% model's of the rows above
+    refit = subprocess.run(
+        [*study, "--repeats", "2", "--refit-all"], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    assert refit.returncode != 0 and "other settings" in refit.stderr and len(pd.read_csv(rows)) == 8
+    refit_rows = project / "study_refit.csv"
+    refit_study = [str(refit_rows) if arg == str(rows) else arg for arg in study]
+    refit_report = _run([*refit_study, "--repeats", "1", "--refit-all"], REPO_ROOT, env)
+    assert "it screens with a refit on all rows of its set" in refit_report
+    refitted = pd.read_csv(refit_rows)
+    assert refitted["repeat"].tolist() == [0, 0] and '"refit_all": true' in refitted["settings"][0]
+    assert refitted["r2_test"][0] != al["r2_test"].iloc[0]
+
     # another screening seed makes other screeners: refused too, not mixed in
     params["screening"]["seed"] += 1
     (project / "params.yaml").write_text(yaml.safe_dump(params))

@@ -10,7 +10,9 @@ of the > 6 eV window when a candidate is called a hit above thresholds below 6 e
 ``dvc repro pipelines/dvc.yaml:screen`` (training sets, candidates, oracle, the oracle's cached labels).
 
 ``--ensemble-size`` replaces the stage's one Roost per screener by the mean of several (seeds seed ..
-seed + k - 1), to see whether a steadier screener agrees better with the oracle. With ``--rows FILE``
+seed + k - 1), to see whether a steadier screener agrees better with the oracle. ``--refit-all``
+screens with a model refit on all rows of its set (``screening.refit_all``), as the paper's screeners saw
+their whole set; its R² test is then that model's. With ``--rows FILE``
 each finished screener's figures are appended to a CSV and a rerun skips them, so a killed study
 resumes.
 """
@@ -47,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="other screening.roost settings (YAML values)",
     )
+    parser.add_argument(
+        "--refit-all",
+        action="store_true",
+        help="screen with a model refit on all rows of its set (screening.refit_all: true)",
+    )
     parser.add_argument("--rows", default=None, help="CSV of finished screeners (appended; a rerun resumes)")
     parser.add_argument("--out", default=None, help="markdown report (default: print only)")
     parser.add_argument("--root", type=Path, default=ROOT, help="project whose params and outputs to use")
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:  # pydantic's ValidationError names the field and the problem
             raise SystemExit(f"--roost / --ensemble-size: {exc}") from None
         cfg = cfg.model_copy(update={"roost": roost})
+    if args.refit_all:
+        cfg = cfg.model_copy(update={"refit_all": True})
     members = cfg.roost.ensemble_size
     training, _ = S.read_training_sets(root / "data/experiments/training_sets.parquet")
     test = S.external_test_set(root / "data/prepared/dataset.parquet", set(training["key"]))
@@ -84,18 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # what makes a screener's figures comparable: a rows file made with other settings is not resumed
-    settings = json.dumps(
-        {
-            "experiment": args.experiment,
-            "roost": cfg.roost.model_dump(),
-            "seed": cfg.seed,  # the screeners' split and initial weights
-            "holdout_fraction": cfg.holdout_fraction,
-            "thresholds": args.thresholds,
-            "window_low": args.window_low,
-            "n_candidates": len(formulas),
-        },
-        sort_keys=True,
-    )
+    settings = {
+        "experiment": args.experiment,
+        "roost": cfg.roost.model_dump(),
+        "seed": cfg.seed,  # the screeners' split and initial weights
+        "holdout_fraction": cfg.holdout_fraction,
+        "thresholds": args.thresholds,
+        "window_low": args.window_low,
+        "n_candidates": len(formulas),
+    }
+    if cfg.refit_all:  # only when set, so the rows files of earlier studies (no refit) still resume
+        settings["refit_all"] = True
+    settings = json.dumps(settings, sort_keys=True)
     rows_file = Path(args.rows) if args.rows else None
     rows = pd.read_csv(rows_file).to_dict("records") if rows_file and rows_file.exists() else []
     other = {str(r.get("settings")) for r in rows} - {settings}  # "nan": a file without the column
@@ -171,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Each screener is {'one Roost model' if members == 1 else f'the mean of {members} Roost models'}"
         " trained as the screen stage trains it"
         + (f", with {', '.join(args.roost)}" if args.roost else "")
+        + ("; it screens with a refit on all rows of its set" if cfg.refit_all else "")
         + "; R² test is on the stage's external test set.",
         "",
         "| training set | threshold (eV) | repeats | hits | recovery (%) | precision (%) | R² test |",
