@@ -162,3 +162,38 @@ def test_screener_study_pairs_al_with_random_by_repeat() -> None:
     # recovery: +20 and -5 points -> mean +7.5, std 17.7; precision: +10 and +20 -> +15.0 +- 7.1
     assert lines[-1] == "| 6 | 2 | +7.5 ± 17.7 | 1 of 2 | +15.0 ± 7.1 | 2 of 2 |"
     assert _paired_lines(frame[frame.training_set != "random"], "AL", "random") == []
+
+
+def test_replica_agreement_counts_hits_against_the_reference_window() -> None:
+    from agd.config import GapWindowConfig
+    from bench.studies.oracle_replica import agreement, near_threshold
+
+    reference = np.array([6.5, 6.05, 5.9, 7.0, np.nan, 3.0])
+    other = np.array([6.4, 5.95, 6.1, np.nan, 6.2, 3.1])
+    gt6 = GapWindowConfig(low=6.0, high=None, include_low=False, include_high=True)
+    rows = {r["low"]: r for r in agreement(reference, other, gt6, [5.9, 6.0])}
+    # the reference keeps (6, inf): 6.5, 6.05 and 7.0; NaN is never a hit on either side
+    assert rows[6.0]["n_oracle"] == 3 and rows[6.0]["n_candidates"] == 3 and rows[6.0]["n_recovered"] == 1
+    assert rows[5.9]["n_candidates"] == 4 and rows[5.9]["n_recovered"] == 2
+    assert rows[5.9]["recovery"] == pytest.approx(2 / 3) and rows[5.9]["precision"] == pytest.approx(0.5)
+    # a window with an upper bound is counted as it is, whatever lower bounds are asked for
+    window = GapWindowConfig(low=2.0, high=4.0, include_low=True, include_high=True)
+    (only,) = agreement(reference, other, window, [5.9, 6.0])
+    assert only["low"] == 2.0 and only["n_recovered"] == only["n_oracle"] == only["n_candidates"] == 1
+
+    near = {r["width"]: r for r in near_threshold(reference, other, 6.0, [0.1, 0.5])}
+    assert near[0.1]["n_near"] == 1 and near[0.1]["recovered_near"] == 0.0  # 6.05: the other says 5.95
+    assert near[0.5]["n_near"] == 2 and near[0.5]["share_near"] == pytest.approx(2 / 3)
+    assert near[0.5]["recovered_near"] == pytest.approx(0.5)
+
+
+def test_replica_study_refuses_the_oracles_own_seeds(tmp_path: Path) -> None:
+    from bench.studies import oracle_replica
+
+    root = tmp_path / "project"
+    (root / "data" / "prepared").mkdir(parents=True)
+    (root / "data" / "prepared" / "dataset.parquet").write_bytes(b"")
+    (root / "params.yaml").write_text((oracle_replica.ROOT / "params.yaml").read_text())
+    with pytest.raises(SystemExit) as refused:  # params.yaml's oracle: seed 0, three members
+        oracle_replica.main(["--root", str(root), "--work", str(tmp_path / "w"), "train", "--seed", "2"])
+    assert refused.value.code == 2 and not (tmp_path / "w").exists()
