@@ -475,7 +475,23 @@ class CampaignConfig(_Section):
     random_draws: int = Field(
         20000, ge=1, description="random control: most latents drawn per round to fill a batch under `accept`"
     )
+    max_per_system: int | None = Field(
+        None,
+        ge=1,
+        description="most new formulas the campaign registers per chemical system (element set): a system "
+        "at the cap, counted at the start of each round, is refused in the acquisition step, so the budget "
+        "spreads over chemistries (None: no cap; needs `accept` rules)",
+    )
     acquisition: AcquisitionConfig = AcquisitionConfig()
+
+    @model_validator(mode="after")
+    def _cap_needs_rules(self) -> CampaignConfig:
+        if self.max_per_system is not None and not self.accept:
+            raise ValueError(
+                "max_per_system is enforced in the acquisition step, which `accept: []` (the paper) skips; "
+                "give accept rules (e.g. [valid, new]) or set max_per_system: null"
+            )
+        return self
 
 
 class ExperimentSpec(_Section):

@@ -3,6 +3,7 @@ repro that does nothing."""
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -123,6 +124,11 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
         counts["al_samples"] == len(samples)
         and samples.groupby(["campaign", "repeat"]).ngroups == n_campaigns
     )
+    # the campaigns found new formulas, so the AL and random sets are more than their BS samples
+    sets = pd.read_parquet(project / "data" / "experiments" / "training_sets.parquet")
+    added = sets[sets["origin"] == "oracle"].groupby(["experiment", "training_set"]).size()
+    assert added.get(("Exp2", "AL"), 0) > 0 and added.get(("Exp2", "random"), 0) > 0
+    assert ("Exp2", "BS") not in added
     screening = pd.read_parquet(project / "data" / "screening" / "metrics.parquet")
     assert counts["screening_metrics"] == len(screening) and set(screening["training_set"]) >= {
         "BS",
@@ -188,6 +194,30 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     refitted = pd.read_csv(refit_rows)
     assert refitted["repeat"].tolist() == [0, 0] and '"refit_all": true' in refitted["settings"][0]
     assert refitted["r2_test"][0] != al["r2_test"].iloc[0]
+
+    # a campaign variant in a folder of its own: the stage's campaigns with one system per find, screened
+    variant = [sys.executable, "-m", "bench.studies.campaign_variant", "--root", str(project)]
+    variant += ["--work", str(tmp_path / "variants"), "--name", "cap1", "--repeats", "1"]
+    bogus = subprocess.run(
+        [*variant, "--set", "max_per_systems=1"], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    assert bogus.returncode != 0 and "not experiments.campaign settings" in bogus.stderr
+    variant += ["--set", "max_per_system=1", "--out", str(project / "cap1.md")]
+    first_variant = _run(variant, REPO_ROOT, env)
+    assert "AL r0" in first_variant and "| AL | 6 | 1 |" in (project / "cap1.md").read_text()
+    folder = tmp_path / "variants" / "cap1"
+    assert (folder / "models" / "oracle").resolve() == (project / "models" / "oracle").resolve()
+    state = pd.read_parquet(folder / "data" / "experiments" / "campaigns" / "Exp2-bo" / "repeat-00.parquet")
+    finds = state[(state["round"] > 0) & (state["fate"] == "registered")]
+    systems = finds["reduced_formula"].map(lambda f: frozenset(re.findall(r"[A-Z][a-z]?", f)))
+    assert len(finds) and (finds.groupby(systems.to_numpy())["round"].nunique() == 1).all()
+    # the pipeline's own repeat 0 started from the same initial samples
+    own = pd.read_parquet(project / "data" / "experiments" / "campaigns" / "Exp2-bo" / "repeat-00.parquet")
+    assert state.loc[state["round"] == 0, "reduced_formula"].equals(
+        own.loc[own["round"] == 0, "reduced_formula"]
+    )
+    again = _run(variant, REPO_ROOT, env)  # campaigns and screeners come from their tables
+    assert "AL r0" not in again and len(pd.read_csv(folder / "screeners.csv")) == 5
 
     # another screening seed makes other screeners: refused too, not mixed in
     params["screening"]["seed"] += 1

@@ -30,7 +30,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,7 @@ from agd.active.acquisition import (
     NoAcceptableCandidateError,
     make_optimizer,
 )
+from agd.chem.formula import FormulaError, parse_formula
 from agd.chem.validity import ValidityChecker
 from agd.config import CampaignConfig
 from agd.models.autoencoder import TrainedAutoencoder
@@ -114,14 +116,27 @@ class CampaignSpec:
 
     def fingerprint(self, cfg: CampaignConfig, initial: pd.DataFrame) -> str:
         """Hash of everything that decides the table: spec, settings and initial samples."""
+        config = cfg.model_dump(mode="json")
+        if config.get("max_per_system") is None:  # added later: off, it leaves earlier tables valid
+            config.pop("max_per_system", None)
         payload = {
             "spec": asdict(self),
-            "config": cfg.model_dump(mode="json"),
+            "config": config,
             "initial": pd.util.hash_pandas_object(initial[["reduced_formula", "band_gap"]], index=False)
             .to_numpy()
             .tolist(),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def chemical_system(formula: str | None) -> frozenset[str]:
+    """The element set of a formula; empty for none or one that does not parse."""
+    if not formula:
+        return frozenset()
+    try:
+        return frozenset(parse_formula(formula))
+    except FormulaError:
+        return frozenset()
 
 
 class LatentChemistry:
@@ -182,20 +197,28 @@ class LatentChemistry:
             }
         )
 
-    def acceptor(self, rules: Sequence[str], known: set[str]) -> AcceptFn | None:
+    def acceptor(
+        self, rules: Sequence[str], known: set[str], closed: Collection[frozenset[str]] = ()
+    ) -> AcceptFn | None:
         """``accept(latents) -> (mask, formulas)`` enforcing ``rules`` (decodable, valid, new); None for no rules.
 
-        With ``new`` the formulas also serve as keys, so one batch never holds a formula twice.
+        With ``new`` the formulas also serve as keys, so one batch never holds a formula twice. A formula
+        of a chemical system in ``closed`` (element sets) is refused whatever the rules.
         """
         if not rules:
             return None
         rules = set(rules)
+        closed = frozenset(closed)
 
         def accept(latents: np.ndarray) -> np.ndarray | tuple[np.ndarray, list]:
             table = self.assess(latents)
             ok = table["decodable"].to_numpy(dtype=bool)
             if "valid" in rules:
                 ok &= table["valid"].to_numpy(dtype=bool)
+            if closed:
+                ok &= ~np.array(
+                    [chemical_system(key) in closed for key in table["reduced_formula"]], dtype=bool
+                )
             if "new" not in rules:
                 return ok
             ok &= ~table["reduced_formula"].isin(known).to_numpy()
@@ -375,7 +398,7 @@ class Campaign:
         self, round_: int, n: int, optimizer: LatentOptimizer, known: set[str], table: pd.DataFrame
     ) -> pd.DataFrame:
         start = time.perf_counter()
-        accept = self.chemistry.acceptor(self.cfg.accept, known)
+        accept = self.chemistry.acceptor(self.cfg.accept, known, self._closed_systems(table))
         timing = {"gp_fit_s": 0.0, "acquisition_s": 0.0}
         if self.spec.method == "bo":
             try:
@@ -403,6 +426,15 @@ class Campaign:
         rows["gp_fit_s"], rows["acquisition_s"] = timing["gp_fit_s"], timing["acquisition_s"]
         rows["round_s"] = time.perf_counter() - start
         return rows
+
+    def _closed_systems(self, table: pd.DataFrame) -> set[frozenset[str]]:
+        """Chemical systems holding ``max_per_system`` of the campaign's registered finds already."""
+        cap = self.cfg.max_per_system
+        if cap is None:
+            return set()
+        finds = table.loc[(table["round"] > 0) & (table["fate"] == REGISTERED), "reduced_formula"].dropna()
+        counts = Counter(chemical_system(key) for key in finds)
+        return {system for system, n in counts.items() if system and n >= cap}
 
     def _random_latents(
         self, round_: int, n: int, accept: AcceptFn | None, table: pd.DataFrame

@@ -21,6 +21,7 @@ from agd.active.campaign import (
     CampaignSpec,
     CampaignStateError,
     LatentChemistry,
+    chemical_system,
     round_metrics,
 )
 from agd.active.experiments import (
@@ -358,3 +359,39 @@ def test_initial_samples_outside_the_autoencoder_box_widen_the_search_box(parts,
     assert np.array_equal(lo, np.minimum(narrow.lower, start.min(axis=0)))
     assert np.array_equal(hi, np.maximum(narrow.upper, start.max(axis=0)))
     assert ((latents >= lo) & (latents <= hi)).all()  # suggestions stay inside the widened box
+
+
+def _systems_by_round(table: pd.DataFrame) -> pd.DataFrame:
+    finds = table[(table["round"] > 0) & (table["fate"] == REGISTERED)]
+    return pd.DataFrame({"round": finds["round"], "system": finds["reduced_formula"].map(chemical_system)})
+
+
+def test_a_system_at_the_cap_gets_no_more_finds_in_later_rounds(parts, tmp_path):
+    # uncapped, the campaign comes back to a chemical system in a later round (what the cap is for)
+    free_table = _campaign(parts, tmp_path / "f.parquet", budget=30).run(progress=False)
+    free = _systems_by_round(free_table)
+    assert (free.groupby("system")["round"].nunique() > 1).any()
+    capped_cfg = _cfg(max_per_system=1)
+    table = _campaign(parts, tmp_path / "c.parquet", budget=30, cfg=capped_cfg).run(progress=False)
+    capped = _systems_by_round(table)
+    assert len(capped) > 0 and capped["system"].map(len).gt(0).all()
+    # counted at the start of each round: a system's finds all come from the round that first found it
+    assert (capped.groupby("system")["round"].nunique() == 1).all()
+    spec = CampaignSpec("T-bo", "T", 0, "bo", 30, 2.576, 7)
+    assert spec.fingerprint(capped_cfg, parts[2]) != spec.fingerprint(_cfg(), parts[2])
+
+    # the acceptor refuses a closed system's formulas and nothing else (the random control's gate too)
+    chemistry = parts[0]
+    finds = free_table[(free_table["round"] > 0) & (free_table["fate"] == REGISTERED)]
+    latents = np.stack(finds["latent"].to_numpy())
+    systems = finds["reduced_formula"].map(chemical_system).to_numpy()
+    ok, keys = chemistry.acceptor(["valid", "new"], set())(latents)
+    assert ok.all() and keys == finds["reduced_formula"].tolist()
+    shut, _ = chemistry.acceptor(["valid", "new"], set(), {systems[0]})(latents)
+    assert np.array_equal(shut, systems != systems[0])
+
+
+def test_a_system_cap_needs_accept_rules():
+    with pytest.raises(ValueError, match="max_per_system"):
+        _cfg(accept=[], max_per_system=2)
+    assert chemical_system("Li2O") == frozenset({"Li", "O"}) and chemical_system(None) == frozenset()

@@ -1,0 +1,123 @@
+"""Does another campaign setting give screeners that recover more of the oracle's hits?
+
+    python -m bench.studies.campaign_variant --name cap5 --set max_per_system=5 --out reports/campaign_cap5.md
+
+Runs the experiments stage's own code (``agd experiments``) for one experiment of ``params.yaml`` with
+some ``experiments.campaign`` settings changed, in a study folder of its own
+(``bench/.cache/campaign_variants/<name>``), then trains the screen stage's Roost screeners on its AL
+sets and counts their recovery and precision against the oracle's cached screening
+(:mod:`bench.studies.screener_threshold`, whose rows file makes a killed study resume). The pipeline's
+models and candidates are linked into the folder, not copied: the campaigns use the pipeline's
+autoencoder and oracle, and the screeners face the same candidates. Campaign seeds depend on the
+experiment's name and repeat only, so repeat ``r`` starts from the same initial samples as the
+pipeline's repeat ``r`` and the two can be compared repeat by repeat (``data/screening/metrics.parquet``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from agd.config import CampaignConfig, load_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: what the study folder links from the project: the campaigns' models, the screened candidates and
+#: the oracle's cached labels of them (``screen``'s state)
+LINKED = (
+    "data/prepared/dataset.parquet",
+    "data/generated/candidates.parquet",
+    "models/oracle",
+    "models/autoencoder",
+    "data/screening/state",
+)
+
+
+def variant_params(params: dict, experiment: str, repeats: int, changes: dict, random: bool) -> dict:
+    """``params.yaml`` reduced to one experiment's Bayesian campaigns (and, with ``random``, its
+    control), ``repeats`` repeats, no kappa sweep, with ``changes`` made to ``experiments.campaign``."""
+    out = copy.deepcopy(params)
+    section = out["experiments"]
+    chosen = [e for e in section["experiments"] if e["name"] == experiment]
+    if not chosen:
+        names = [e["name"] for e in section["experiments"]]
+        raise SystemExit(f"params.yaml has no experiment {experiment!r}; it has {names}")
+    section.update(experiments=chosen, repeats=repeats, random_control=random, kappa_sweep=[])
+    unknown = sorted(set(changes) - set(CampaignConfig.model_fields))
+    if unknown:
+        raise SystemExit(
+            f"--set {unknown}: not experiments.campaign settings ({sorted(CampaignConfig.model_fields)})"
+        )
+    section["campaign"].update(changes)
+    return out
+
+
+def prepare_folder(root: Path, folder: Path, params: dict) -> Path:
+    """The study folder: links to the project's outputs and the variant's ``params.yaml`` (validated)."""
+    for relative in LINKED:
+        source, link = root / relative, folder / relative
+        if not source.exists():
+            raise SystemExit(f"{source} not found: run `dvc repro pipelines/dvc.yaml` first")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            if link.resolve() != source.resolve():
+                raise SystemExit(f"{link} points elsewhere than {source}; use another --name")
+            continue
+        link.symlink_to(source.resolve(), target_is_directory=source.is_dir())
+    path = folder / "params.yaml"
+    if path.is_file() and yaml.safe_load(path.read_text()) != params:
+        raise SystemExit(f"{path} holds other settings: use another --name, or delete {folder}")
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    load_params(path)  # the same validation as the pipeline's params.yaml
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="the variant's folder under --work")
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="experiments.campaign changes"
+    )
+    parser.add_argument("--experiment", default="Exp2")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--random", action="store_true", help="run the random control too, and screen it")
+    parser.add_argument("--out", type=Path, help="markdown report of the screeners")
+    parser.add_argument("--root", type=Path, default=ROOT, help="project whose params and outputs to use")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / ".cache" / "campaign_variants")
+    args = parser.parse_args(argv)
+    changes = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        changes[key] = yaml.safe_load(value)
+    params = yaml.safe_load((args.root / "params.yaml").read_text())
+    folder = args.work / args.name
+    path = prepare_folder(
+        args.root, folder, variant_params(params, args.experiment, args.repeats, changes, args.random)
+    )
+    experiments = folder / "data" / "experiments"
+    command = [
+        sys.executable, "-m", "agd.cli", "--params", str(path), "experiments",
+        "--prepared", str(folder / "data/prepared/dataset.parquet"),
+        "--autoencoder", str(folder / "models/autoencoder"), "--oracle", str(folder / "models/oracle"),
+        "--out", str(experiments), "--metrics", str(folder / "metrics.json"), "--no-mlflow",
+    ]  # fmt: skip
+    subprocess.run(command, check=True)  # resumes from the campaigns' state tables when rerun
+    from bench.studies import screener_threshold
+
+    sets = ["AL", "random"] if args.random else ["AL"]
+    study = ["--root", str(folder), "--experiment", args.experiment, "--repeats", str(args.repeats)]
+    study += ["--sets", *sets, "--rows", str(folder / "screeners.csv")]
+    if args.out:
+        study += ["--out", str(args.out)]
+    return screener_threshold.main(study)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
