@@ -219,6 +219,27 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     again = _run(variant, REPO_ROOT, env)  # campaigns and screeners come from their tables
     assert "AL r0" not in again and len(pd.read_csv(folder / "screeners.csv")) == 5
 
+    # a replica of the tiny oracle (other seeds), screening the candidates beside the oracle's own labels
+    oracle_state = sorted((project / "data" / "screening" / "state" / "oracle").iterdir())
+    replica = [sys.executable, "-m", "bench.studies.oracle_replica", "--root", str(project)]
+    replica += ["--work", str(tmp_path / "replica")]
+    _run([*replica, "train", "--seed", "5"], REPO_ROOT, env)
+    text = _run(
+        [*replica, "report", "--lows", "1.5", "2", "--out", str(project / "replica.md")], REPO_ROOT, env
+    )
+    assert sorted((project / "data" / "screening" / "state" / "oracle").iterdir()) == oracle_state
+    assert (tmp_path / "replica" / "state" / "seed5" / "oracle").is_dir()
+    window = params["screening"]["windows"]["gt6"]["low"]
+    n_hits = int(
+        (
+            pd.concat(pd.read_parquet(p) for p in oracle_state[0].glob("part-*.parquet"))["oracle_gap"]
+            > window
+        ).sum()
+    )
+    gt6_lines = [line for line in text.splitlines() if line.startswith("| seed5 | `gt6`")]
+    assert len(gt6_lines) == 2 and all(f"| {n_hits:,} |" in line for line in gt6_lines)
+    assert "| replica seed5 | 5, 6 |" in text and "| Exp2 | AL | `gt6` | 2 |" in text
+
     # another screening seed makes other screeners: refused too, not mixed in
     params["screening"]["seed"] += 1
     (project / "params.yaml").write_text(yaml.safe_dump(params))

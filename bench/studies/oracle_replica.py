@@ -57,20 +57,23 @@ def agreement(
     return rows
 
 
-def near_threshold(reference: np.ndarray, other: np.ndarray, low: float, widths: list[float]) -> list[dict]:
-    """For the reference's hits above ``low``: how many lie within each width of it, and how many of
-    those the other model also puts above ``low`` (where two good models part ways)."""
+def recovery_by_margin(
+    reference: np.ndarray, found: np.ndarray, low: float, edges: list[float]
+) -> list[dict]:
+    """The reference's hits above ``low`` in bins of their margin over it, ``(low, low + e1]``,
+    ``(low + e1, low + e2]`` ... ``(low + ek, inf)``, and the share of each bin ``found`` (a boolean mask
+    over the same candidates: another model's hits) holds: where two models part ways."""
     hits = np.isfinite(reference) & (reference > low)
-    found = hits & np.isfinite(other) & (other > low)
+    bounds = [0.0, *sorted(edges), np.inf]
     rows = []
-    for width in widths:
-        near = hits & (reference <= low + width)
+    for below, above in zip(bounds[:-1], bounds[1:], strict=True):
+        inside = hits & (reference > low + below) & (reference <= low + above)
         rows.append(
             {
-                "width": width,
-                "n_near": int(near.sum()),
-                "share_near": float(near.sum() / hits.sum()) if hits.any() else np.nan,
-                "recovered_near": float((near & found).sum() / near.sum()) if near.any() else np.nan,
+                "from": below,
+                "to": above,
+                "n": int(inside.sum()),
+                "recovered": float((inside & found).sum() / inside.sum()) if inside.any() else np.nan,
             }
         )
     return rows
@@ -100,6 +103,66 @@ def _stage_screeners(metrics: Path) -> pd.DataFrame:
     )
 
 
+def _margin_lines(
+    root: Path, oracle, reference: np.ndarray, labelled: dict[str, np.ndarray], low: float, edges: list[float]
+) -> list[str]:
+    """Recovery of the oracle's hits by their margin over ``low``: each replica, and the stage's Roost
+    screeners (their stored hits, mean over repeats) where ``data/screening/hits.parquet`` exists."""
+    columns: dict[str, list[dict]] = {
+        f"replica {name}": recovery_by_margin(reference, np.isfinite(gaps) & (gaps > low), low, edges)
+        for name, gaps in labelled.items()
+    }
+    hits_file, metrics = root / "data/screening/hits.parquet", root / "data/screening/metrics.parquet"
+    if hits_file.is_file() and metrics.is_file():
+        formulas = pd.Index(
+            pd.concat([pd.read_parquet(p, columns=["formula"]) for p in oracle.parts])["formula"]
+        )
+        keys = ["experiment", "repeat", "training_set"]
+        hits = pd.read_parquet(hits_file, columns=[*keys, "model", "gap_window", "formula"])
+        hits = hits[(hits["model"] == "roost") & (hits["gap_window"] == "gt6")]
+        by_group = {key: group["formula"] for key, group in hits.groupby(keys)}
+        runs = pd.read_parquet(metrics, columns=[*keys, "model", "gap_window"])
+        runs = runs[(runs["model"] == "roost") & (runs["gap_window"] == "gt6")]
+        runs = runs[runs["training_set"].isin(["ALL", "AL", "random"])]
+        for (experiment, training_set), repeats in runs.groupby(["experiment", "training_set"], sort=False):
+            shares = []
+            for repeat in sorted(repeats["repeat"]):  # a screener with no hit stored recovered nothing
+                stored = by_group.get((experiment, repeat, training_set), pd.Series([], dtype=str))
+                found = np.asarray(formulas.isin(stored))
+                shares.append([r["recovered"] for r in recovery_by_margin(reference, found, low, edges)])
+            mean = np.mean(np.array(shares, dtype=float), axis=0)
+            template = recovery_by_margin(reference, np.zeros(len(reference), bool), low, edges)
+            columns[f"{experiment} {training_set} ({len(shares)})"] = [
+                {**row, "recovered": value} for row, value in zip(template, mean, strict=True)
+            ]
+    names = list(columns)
+    first = next(iter(columns.values()))
+    lines = [
+        "",
+        f"Where the screenings part ways: the oracle's hits above {low:g} eV by how far above it the oracle "
+        "puts them, and the share of each band a model also calls a hit (the stage's Roost screeners: mean "
+        "over the repeats in brackets):",
+        "",
+        "| oracle's gap (eV) | oracle hits | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for i, row in enumerate(first):
+        upper = "" if np.isinf(row["to"]) else f"{low + row['to']:g}"
+        cells = [columns[name][i]["recovered"] for name in names]
+        shown = ["—" if np.isnan(c) else f"{100 * c:.1f}%" for c in cells]
+        lines.append(
+            f"| ({low + row['from']:g}, {upper or 'inf'}{')' if not upper else ']'} | {row['n']:,} | "
+            + " | ".join(shown)
+            + " |"
+        )
+    return lines
+
+
+def _percent(value: float) -> str:
+    """A share as a percentage; a dash where there is none (no hit, so no precision)."""
+    return "—" if np.isnan(value) else f"{100 * value:.1f}%"
+
+
 def _replica_test(folder: Path) -> dict | None:
     path = folder / "metrics.json"
     if not path.is_file():
@@ -107,7 +170,7 @@ def _replica_test(folder: Path) -> dict | None:
     return json.loads(path.read_text())["models"]["roost"]["ensemble"]["test"]
 
 
-def report(work: Path, root: Path, lows: list[float], widths: list[float]) -> str:
+def report(work: Path, root: Path, lows: list[float], edges: list[float]) -> str:
     from agd.screening import screen as S
 
     cfg = load_params(root / "params.yaml").screening
@@ -154,32 +217,20 @@ def report(work: Path, root: Path, lows: list[float], widths: list[float]) -> st
                 low = "—" if row["low"] is None else f"{row['low']:g}"
                 lines.append(
                     f"| {name} | `{window_name}` {describe_window(window)} | {low} | {row['n_oracle']:,} | "
-                    f"{row['n_candidates']:,} | {row['n_recovered']:,} | {100 * row['recovery']:.1f}% | "
-                    f"{100 * row['precision']:.1f}% | {row['f1']:.3f} |"
+                    f"{row['n_candidates']:,} | {row['n_recovered']:,} | {_percent(row['recovery'])} | "
+                    f"{_percent(row['precision'])} | {row['f1']:.3f} |"
                 )
-    gt6 = cfg.windows.get("gt6")
-    if gt6 is not None and gt6.low is not None:
+    for name, gaps in labelled.items():
+        both = np.isfinite(reference) & np.isfinite(gaps)
+        diff = gaps[both] - reference[both]
         lines += [
             "",
-            f"Where the two part ways: the oracle's hits above {gt6.low:g} eV that lie within a margin of it, "
-            "and the share of those the replica also puts above it. Over all candidates:",
-            "",
-            "| replica | margin (eV) | oracle hits within it | share of its hits | recovered by the replica |",
-            "|---|---|---|---|---|",
+            f"{name} minus oracle over the {int(both.sum()):,} candidates both label: mean {diff.mean():+.3f} eV, "
+            f"std {diff.std():.3f} eV, mean absolute {np.abs(diff).mean():.3f} eV.",
         ]
-        for name, gaps in labelled.items():
-            for row in near_threshold(reference, gaps, gt6.low, widths):
-                lines.append(
-                    f"| {name} | {row['width']:g} | {row['n_near']:,} | {100 * row['share_near']:.1f}% | "
-                    f"{100 * row['recovered_near']:.1f}% |"
-                )
-            both = np.isfinite(reference) & np.isfinite(gaps)
-            diff = gaps[both] - reference[both]
-            lines.append("")
-            lines.append(
-                f"{name} minus oracle over the {int(both.sum()):,} candidates both label: mean {diff.mean():+.3f} eV, "
-                f"std {diff.std():.3f} eV, mean absolute {np.abs(diff).mean():.3f} eV."
-            )
+    gt6 = cfg.windows.get("gt6")
+    if gt6 is not None and gt6.low is not None and gt6.high is None:
+        lines += _margin_lines(root, oracle, reference, labelled, gt6.low, edges)
     metrics = root / "data/screening/metrics.parquet"
     if metrics.is_file():
         stage = _stage_screeners(metrics)
@@ -195,7 +246,7 @@ def report(work: Path, root: Path, lows: list[float], widths: list[float]) -> st
         for r in stage.itertuples():
             lines.append(
                 f"| {r.experiment} | {r.training_set} | `{r.gap_window}` | {r.repeats} | "
-                f"{100 * r.recovery:.1f}% | {100 * r.precision:.1f}% |"
+                f"{_percent(r.recovery)} | {_percent(r.precision)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -211,7 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     r = sub.add_parser("report", help="screen the candidates with every replica; markdown to stdout or --out")
     r.add_argument("--lows", type=float, nargs="+", default=[5.5, 5.75, 6.0, 6.25])
-    r.add_argument("--margins", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    r.add_argument(
+        "--margins",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.25, 0.5, 1.0],
+        help="bin edges (eV above the > 6 eV window's bound) of the oracle's hits",
+    )
     r.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.command == "train":
