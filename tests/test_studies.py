@@ -166,7 +166,7 @@ def test_screener_study_pairs_al_with_random_by_repeat() -> None:
 
 def test_replica_agreement_counts_hits_against_the_reference_window() -> None:
     from agd.config import GapWindowConfig
-    from bench.studies.oracle_replica import agreement, near_threshold
+    from bench.studies.oracle_replica import agreement, recovery_by_margin
 
     reference = np.array([6.5, 6.05, 5.9, 7.0, np.nan, 3.0])
     other = np.array([6.4, 5.95, 6.1, np.nan, 6.2, 3.1])
@@ -181,10 +181,13 @@ def test_replica_agreement_counts_hits_against_the_reference_window() -> None:
     (only,) = agreement(reference, other, window, [5.9, 6.0])
     assert only["low"] == 2.0 and only["n_recovered"] == only["n_oracle"] == only["n_candidates"] == 1
 
-    near = {r["width"]: r for r in near_threshold(reference, other, 6.0, [0.1, 0.5])}
-    assert near[0.1]["n_near"] == 1 and near[0.1]["recovered_near"] == 0.0  # 6.05: the other says 5.95
-    assert near[0.5]["n_near"] == 2 and near[0.5]["share_near"] == pytest.approx(2 / 3)
-    assert near[0.5]["recovered_near"] == pytest.approx(0.5)
+    found = np.isfinite(other) & (other > 6.0)
+    bands = recovery_by_margin(reference, found, 6.0, [0.1, 0.5])
+    assert [(b["from"], b["to"], b["n"]) for b in bands] == [(0.0, 0.1, 1), (0.1, 0.5, 1), (0.5, np.inf, 1)]
+    # 6.05 (the other says 5.95) is missed, 6.5 found, 7.0 (no prediction) missed
+    assert [b["recovered"] for b in bands] == [0.0, 1.0, 0.0]
+    empty = recovery_by_margin(reference, found, 6.0, [0.01, 0.02])[1]
+    assert empty["n"] == 0 and np.isnan(empty["recovered"])
 
 
 def test_replica_study_refuses_the_oracles_own_seeds(tmp_path: Path) -> None:
@@ -197,3 +200,36 @@ def test_replica_study_refuses_the_oracles_own_seeds(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as refused:  # params.yaml's oracle: seed 0, three members
         oracle_replica.main(["--root", str(root), "--work", str(tmp_path / "w"), "train", "--seed", "2"])
     assert refused.value.code == 2 and not (tmp_path / "w").exists()
+
+
+def test_campaign_variant_is_paired_with_the_pipelines_screeners_by_repeat() -> None:
+    from bench.studies.campaign_variant import pipeline_lines
+
+    rows = pd.DataFrame(
+        {
+            "training_set": ["AL"] * 6,
+            "repeat": [0, 0, 1, 1, 2, 2],
+            "threshold": [5.5, 6.0] * 3,
+            "recovery": [0.9, 0.60, 0.9, 0.50, 0.9, 0.70],
+            "precision": [0.1, 0.40, 0.1, 0.30, 0.1, 0.20],
+        }
+    )
+    metrics = pd.DataFrame(
+        {
+            "experiment": ["Exp2"] * 4 + ["Exp3"],
+            "model": ["roost"] * 3 + ["forest", "roost"],
+            "gap_window": ["gt6"] * 5,
+            "training_set": ["AL"] * 5,
+            "repeat": [0, 1, 5, 0, 2],  # repeat 5: not in the variant; the forest and Exp3 rows: not compared
+            "recovery": [0.50, 0.55, 0.1, 0.0, 0.0],
+            "precision": [0.40, 0.20, 0.1, 0.0, 0.0],
+        }
+    )
+    lines = pipeline_lines(rows, metrics, "Exp2", ["AL", "random"], ["max_per_system=2"])
+    (line,) = [line for line in lines if line.startswith("| AL |")]
+    # repeats 0 and 1: recovery 60, 50 against 50, 55 (+10, -5); precision 40, 30 against 40, 20 (0, +10)
+    assert (
+        line
+        == "| AL | 2 | 55.0 ± 7.1 | 52.5 ± 3.5 | +2.5 ± 10.6 | 1 of 2 | 35.0 ± 7.1 | 30.0 ± 14.1 | +5.0 ± 7.1 | 1 of 2 |"
+    )
+    assert "max_per_system=2" in lines[1] and not any(line.startswith("| random |") for line in lines)

@@ -21,9 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import yaml
 
 from agd.config import CampaignConfig, load_params
+from bench.studies.screener_threshold import _pm
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,7 +119,56 @@ def main(argv: list[str] | None = None) -> int:
     study += ["--sets", *sets, "--rows", str(folder / "screeners.csv")]
     if args.out:
         study += ["--out", str(args.out)]
-    return screener_threshold.main(study)
+    code = screener_threshold.main(study)
+    metrics = args.root / "data" / "screening" / "metrics.parquet"
+    if code == 0 and metrics.is_file():
+        rows = pd.read_csv(folder / "screeners.csv")
+        lines = pipeline_lines(rows, pd.read_parquet(metrics), args.experiment, sets, args.set)
+        print("\n".join(lines))
+        if args.out:
+            with args.out.open("a") as report:
+                report.write("\n".join(lines) + "\n")
+    return code
+
+
+def pipeline_lines(
+    rows: pd.DataFrame, metrics: pd.DataFrame, experiment: str, sets: list[str], changes: list[str]
+) -> list[str]:
+    """The variant's screeners at 6 eV beside the pipeline's (``metrics.parquet``: its Roost screeners
+    of the > 6 eV window) on the same repeats, and the difference paired by repeat, per training set."""
+    ours = rows[np.isclose(rows["threshold"], 6.0)].set_index(["training_set", "repeat"])
+    stage = metrics[
+        (metrics["experiment"] == experiment)
+        & (metrics["model"] == "roost")
+        & (metrics["gap_window"] == "gt6")
+    ].set_index(["training_set", "repeat"])
+    lines = [
+        "",
+        f"Against the pipeline's own screeners (`data/screening/metrics.parquet`, {experiment}, > 6 eV) on the "
+        f"same repeats; the variant differs in {', '.join(changes) or 'nothing'} (mean ± std over repeats; "
+        "the difference is paired by repeat, in percentage points; ahead: repeats where the variant is higher):",
+        "",
+        "| training set | repeats | recovery: variant | pipeline | difference | ahead | precision: variant | "
+        "pipeline | difference | ahead |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for training_set in sets:
+        both = ours.index.intersection(stage.index)
+        both = [key for key in both if key[0] == training_set]
+        if not both:
+            continue
+        cells = []
+        for column in ("recovery", "precision"):
+            a, b = 100 * ours.loc[both, column], 100 * stage.loc[both, column]
+            diff = a.to_numpy() - b.to_numpy()
+            cells += [
+                _pm(a.mean(), a.std()),
+                _pm(b.mean(), b.std()),
+                _pm(float(np.nanmean(diff)), float(np.nanstd(diff, ddof=1)), "+"),
+                f"{int((diff > 0).sum())} of {len(diff)}",
+            ]
+        lines.append(f"| {training_set} | {len(both)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":
