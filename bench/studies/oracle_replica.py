@@ -284,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         train(args.seed, args.work, prepared, args.root / "params.yaml")
         return 0
     text = report(args.work, args.root, args.lows, args.margins)
+    print(text)
     if args.out:
         args.out.write_text(text)
-    print(text)
     return 0
 
 
