@@ -3,7 +3,6 @@ repro that does nothing."""
 
 import json
 import os
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from agd.active.campaign import chemical_system
 from agd.tracking.catalog import CatalogReader
 from tests.conftest import REPO_ROOT, read_shared_csv
 
@@ -209,7 +209,7 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     assert (folder / "models" / "oracle").resolve() == (project / "models" / "oracle").resolve()
     state = pd.read_parquet(folder / "data" / "experiments" / "campaigns" / "Exp2-bo" / "repeat-00.parquet")
     finds = state[(state["round"] > 0) & (state["fate"] == "registered")]
-    systems = finds["reduced_formula"].map(lambda f: frozenset(re.findall(r"[A-Z][a-z]?", f)))
+    systems = finds["reduced_formula"].map(chemical_system)
     assert len(finds) and (finds.groupby(systems.to_numpy())["round"].nunique() == 1).all()
     # the pipeline's own repeat 0 started from the same initial samples
     own = pd.read_parquet(project / "data" / "experiments" / "campaigns" / "Exp2-bo" / "repeat-00.parquet")

@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from agd.config import CampaignConfig, load_params
-from bench.studies.screener_threshold import _pm
+from bench.studies.screener_threshold import _pm, paired_cells
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -152,21 +152,16 @@ def pipeline_lines(
         "pipeline | difference | ahead |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    shared = ours.index.intersection(stage.index)
     for training_set in sets:
-        both = ours.index.intersection(stage.index)
-        both = [key for key in both if key[0] == training_set]
+        both = [key for key in shared if key[0] == training_set]
         if not both:
             continue
         cells = []
         for column in ("recovery", "precision"):
             a, b = 100 * ours.loc[both, column], 100 * stage.loc[both, column]
-            diff = a.to_numpy() - b.to_numpy()
-            cells += [
-                _pm(a.mean(), a.std()),
-                _pm(b.mean(), b.std()),
-                _pm(float(np.nanmean(diff)), float(np.nanstd(diff, ddof=1)), "+"),
-                f"{int((diff > 0).sum())} of {len(diff)}",
-            ]
+            cells += [_pm(a.mean(), a.std()), _pm(b.mean(), b.std())]
+            cells += paired_cells(a.to_numpy() - b.to_numpy())
         lines.append(f"| {training_set} | {len(both)} | " + " | ".join(cells) + " |")
     return lines
 

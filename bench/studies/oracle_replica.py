@@ -124,6 +124,7 @@ def _margin_lines(
         runs = pd.read_parquet(metrics, columns=[*keys, "model", "gap_window"])
         runs = runs[(runs["model"] == "roost") & (runs["gap_window"] == "gt6")]
         runs = runs[runs["training_set"].isin(["ALL", "AL", "random"])]
+        template = recovery_by_margin(reference, np.zeros(len(reference), bool), low, edges)
         for (experiment, training_set), repeats in runs.groupby(["experiment", "training_set"], sort=False):
             shares = []
             for repeat in sorted(repeats["repeat"]):  # a screener with no hit stored recovered nothing
@@ -131,7 +132,6 @@ def _margin_lines(
                 found = np.asarray(formulas.isin(stored))
                 shares.append([r["recovered"] for r in recovery_by_margin(reference, found, low, edges)])
             mean = np.mean(np.array(shares, dtype=float), axis=0)
-            template = recovery_by_margin(reference, np.zeros(len(reference), bool), low, edges)
             columns[f"{experiment} {training_set} ({len(shares)})"] = [
                 {**row, "recovered": value} for row, value in zip(template, mean, strict=True)
             ]
@@ -173,15 +173,15 @@ def _replica_test(folder: Path) -> dict | None:
 def report(work: Path, root: Path, lows: list[float], edges: list[float]) -> str:
     from agd.screening import screen as S
 
-    cfg = load_params(root / "params.yaml").screening
+    params = load_params(root / "params.yaml")
+    cfg = params.screening
     candidates = root / "data/generated/candidates.parquet"
     oracle = S.oracle_screen(candidates, root / "models/oracle", root / "data/screening/state", cfg, False)
     reference = oracle.gaps()
     replicas = sorted(p for p in work.glob("seed*") if (p / "oracle.json").is_file())
     if not replicas:
         raise SystemExit(f"no trained replica under {work}: run `train --seed 3` first")
-    oracle_cfg = load_params(root / "params.yaml").oracle
-    size, oracle_seed = oracle_cfg.roost.ensemble_size, oracle_cfg.seed
+    size, oracle_seed = params.oracle.roost.ensemble_size, params.oracle.seed
     stage_test = json.loads((root / "metrics/oracle.json").read_text())["models"]["roost"]["ensemble"]["test"]
     lines = [
         "# Oracle replica: how much of the oracle's screening another model recovers",

@@ -229,13 +229,15 @@ def _paired_lines(frame: pd.DataFrame, first: str, second: str) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for threshold, d in diff.groupby(level="threshold"):
-        n = len(d)
-        lines.append(
-            f"| {threshold:g} | {n} | {_pm(d.recovery.mean(), d.recovery.std(), '+')} | "
-            f"{int((d.recovery > 0).sum())} of {n} | {_pm(d.precision.mean(), d.precision.std(), '+')} | "
-            f"{int((d.precision > 0).sum())} of {n} |"
-        )
+        cells = [*paired_cells(d.recovery), *paired_cells(d.precision)]
+        lines.append(f"| {threshold:g} | {len(d)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def paired_cells(diff: pd.Series | np.ndarray) -> list[str]:
+    """Per-repeat differences (points) as two table cells: mean ± std, and how many repeats are ahead."""
+    diff = pd.Series(np.asarray(diff, dtype=float))
+    return [_pm(diff.mean(), diff.std(), "+"), f"{int((diff > 0).sum())} of {len(diff)}"]
 
 
 if __name__ == "__main__":
