@@ -233,3 +233,84 @@ def test_campaign_variant_is_paired_with_the_pipelines_screeners_by_repeat() -> 
         == "| AL | 2 | 55.0 ± 7.1 | 52.5 ± 3.5 | +2.5 ± 10.6 | 1 of 2 | 35.0 ± 7.1 | 30.0 ± 14.1 | +5.0 ± 7.1 | 1 of 2 |"
     )
     assert "max_per_system=2" in lines[1] and not any(line.startswith("| random |") for line in lines)
+
+
+def _metrics_rows(recovery: list[float], precision: list[float], training_set: str) -> pd.DataFrame:
+    n = len(recovery)
+    return pd.DataFrame(
+        {
+            "experiment": ["Exp2"] * n,
+            "training_set": [training_set] * n,
+            "model": ["roost"] * n,
+            "gap_window": ["gt6"] * n,
+            "repeat": range(n),
+            "n_train": [1000] * n,
+            "r2_holdout": [0.7] * n,
+            "r2_test": [0.7] * n,
+            "n_candidates": [10] * n,
+            "n_recovered": [5] * n,
+            "recovery": recovery,
+            "precision": precision,
+        }
+    )
+
+
+def test_pipeline_diff_pairs_screeners_by_repeat_and_flags_the_unchanged_ones() -> None:
+    from bench.studies.pipeline_diff import screening_lines
+
+    before = pd.concat(
+        [_metrics_rows([0.5, 0.6], [0.3, 0.4], "AL"), _metrics_rows([0.2, 0.3], [float("nan"), 0.1], "BS")]
+    )
+    after = pd.concat(
+        [
+            _metrics_rows([0.6, 0.5, 0.9], [0.3, 0.5, 0.9], "AL"),
+            # the common test set lost the new AL formulas, so the BS screeners score another R2 there
+            _metrics_rows([0.2, 0.3], [float("nan"), 0.1], "BS").assign(r2_test=0.6),
+        ]
+    )
+    lines = screening_lines(before, after, ["gt6", "2-4"], ["roost", "forest"])
+    assert "### roost screeners, > 6 eV" in lines and not any(
+        "forest" in line or "2-4" in line for line in lines
+    )
+    (al,) = [line for line in lines if line.startswith("| Exp2 | AL |")]
+    # repeat 2 exists only after, so two repeats pair: recovery +10, -10; precision 0, +10
+    assert al == (
+        "| Exp2 | AL | 2 | 55.0 ± 7.1 | 55.0 ± 7.1 | +0.0 ± 14.1 | 1 of 2 | 40.0 ± 14.1 | 35.0 ± 7.1 | "
+        "+5.0 ± 7.1 | 1 of 2 | no |"
+    )
+    (bs,) = [line for line in lines if line.startswith("| Exp2 | BS |")]
+    assert bs.endswith("| yes |")  # a repeat without hits (no precision) still counts as unchanged
+    changed = after.assign(n_recovered=np.where(after.training_set == "BS", 4, after.n_recovered))
+    (bs,) = [line for line in screening_lines(before, changed, ["gt6"], ["roost"]) if "| BS |" in line]
+    assert bs.endswith("| no |")
+    with pytest.raises(ValueError, match="share no screener"):
+        screening_lines(before.assign(experiment="Exp3"), after, ["gt6"], ["roost"])
+
+
+def test_pipeline_diff_counts_each_campaigns_finds_and_their_chemical_systems(tmp_path: Path) -> None:
+    from bench.studies.pipeline_diff import campaign_lines, campaign_stats
+
+    def state(folder: Path, campaign: str, repeat: int, finds: list[tuple[str, float]]) -> None:
+        rows = [{"round": 0, "fate": "initial", "reduced_formula": "LiF", "label": 8.0}]
+        rows += [{"round": 1, "fate": "registered", "reduced_formula": f, "label": g} for f, g in finds]
+        rows.append({"round": 2, "fate": "undecodable", "reduced_formula": None, "label": float("nan")})
+        (folder / campaign).mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_parquet(folder / campaign / f"repeat-{repeat:02d}.parquet")
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    state(old, "Exp2-bo", 0, [("LiF2", 7.0), ("Li2F", 6.5), ("Li3F", 5.0), ("NaCl", 6.1)])
+    state(new, "Exp2-bo", 0, [("LiF2", 7.0), ("NaCl", 6.1), ("KBr", 3.0)])
+    before, after = campaign_stats(old, 6.0), campaign_stats(new, 6.0)
+    assert before.loc[("Exp2-bo", 0)].to_dict() == {
+        "finds": 4,
+        "high_gap": 3,
+        "systems": 2,
+        "high_gap_systems": 2,
+        "most_in_one_system": 3,
+    }
+    (line,) = [line for line in campaign_lines(before, after, 6.0) if line.startswith("| Exp2-bo |")]
+    assert line == (
+        "| Exp2-bo | 1 | 2.0 | 3.0 | -1.0 | 0 of 1 | 2.0 | 2.0 | +0.0 | 0 of 1 | 1.0 | 3.0 | -2.0 | 0 of 1 |"
+    )
+    with pytest.raises(ValueError, match="no campaign state tables"):
+        campaign_stats(tmp_path / "empty", 6.0)

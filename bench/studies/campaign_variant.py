@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from agd.config import CampaignConfig, load_params
-from bench.studies.screener_threshold import _pm, paired_cells
+from bench.studies.screener_threshold import paired_metric_cells
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,11 +157,7 @@ def pipeline_lines(
         both = [key for key in shared if key[0] == training_set]
         if not both:
             continue
-        cells = []
-        for column in ("recovery", "precision"):
-            a, b = 100 * ours.loc[both, column], 100 * stage.loc[both, column]
-            cells += [_pm(a.mean(), a.std()), _pm(b.mean(), b.std())]
-            cells += paired_cells(a.to_numpy() - b.to_numpy())
+        cells = paired_metric_cells(ours.loc[both], stage.loc[both], ["recovery", "precision"])
         lines.append(f"| {training_set} | {len(both)} | " + " | ".join(cells) + " |")
     return lines
 

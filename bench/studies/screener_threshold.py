@@ -240,5 +240,18 @@ def paired_cells(diff: pd.Series | np.ndarray) -> list[str]:
     return [_pm(diff.mean(), diff.std(), "+"), f"{int((diff > 0).sum())} of {len(diff)}"]
 
 
+def paired_metric_cells(
+    first: pd.DataFrame, second: pd.DataFrame, columns: list[str], scale: float = 100
+) -> list[str]:
+    """Per column: ``first`` and ``second`` (mean ± std over repeats, times ``scale``), then ``first`` minus
+    ``second`` paired by repeat (:func:`paired_cells`). The two frames are indexed alike, one row a repeat."""
+    cells = []
+    for column in columns:
+        a, b = scale * first[column], scale * second[column]
+        cells += [_pm(a.mean(), a.std()), _pm(b.mean(), b.std())]
+        cells += paired_cells(a.to_numpy() - b.to_numpy())
+    return cells
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
