@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from agd.config import ConfigError, find_project_root, load_params
+from agd.screening.metrics import paired_cells, paired_differences
 from agd.tracking.catalog import TABLES, CatalogError, CatalogMissingError, CatalogReader
 from agd.tracking.design_map import latent_sample_query, selection_key
 
@@ -236,6 +237,19 @@ def distinct_values(db: Path, table: str, column: str) -> list[Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Experiments: Table 1
+def _selection(
+    experiments: Sequence[str] | None, models: Sequence[str] | None, windows: Sequence[str] | None
+) -> tuple[str, list[Any]]:
+    """A WHERE clause (and its parameters) keeping the chosen experiments, models and windows."""
+    conditions, params = ["TRUE"], []
+    for column, values in (("experiment", experiments), ("model", models), ("gap_window", windows)):
+        if values is not None:
+            condition, values_ = _in(column, values)
+            conditions.append(condition)
+            params += values_
+    return " AND ".join(conditions), params
+
+
 def table1(
     db: Path,
     experiments: Sequence[str] | None = None,
@@ -243,17 +257,12 @@ def table1(
     windows: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Mean and sample std over repeats of every Table-1 metric per experiment, model, training set and window."""
-    conditions, params = ["TRUE"], []
-    for column, values in (("experiment", experiments), ("model", models), ("gap_window", windows)):
-        if values is not None:
-            condition, values_ = _in(column, values)
-            conditions.append(condition)
-            params += values_
+    where, params = _selection(experiments, models, windows)
     aggregates = ", ".join(f"avg({m}) AS {m}_mean, stddev_samp({m}) AS {m}_std" for m in TABLE1_METRICS)
     frame = _query(
         db,
         f"SELECT experiment, model, training_set, gap_window, count(*) AS n_repeats, {aggregates} "
-        f"FROM screening_metrics WHERE {' AND '.join(conditions)} "
+        f"FROM screening_metrics WHERE {where} "
         "GROUP BY experiment, model, training_set, gap_window",
         params,
     )
@@ -261,6 +270,43 @@ def table1(
     frame["_order"] = frame["training_set"].map(order).fillna(len(order))
     frame = frame.sort_values(["experiment", "model", "gap_window", "_order", "training_set"])
     return frame.drop(columns="_order").reset_index(drop=True)
+
+
+def paired(
+    db: Path,
+    experiments: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
+    windows: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """AL minus random and AL minus BS, paired by repeat (:func:`agd.screening.metrics.paired_differences`,
+    which writes the same table into the screen stage's report)."""
+    where, params = _selection(experiments, models, windows)
+    rows = _query(
+        db,
+        "SELECT experiment, repeat, model, training_set, gap_window, recovery, precision "
+        f"FROM screening_metrics WHERE {where} "
+        "ORDER BY experiment, model, gap_window, repeat",
+        params,
+    )
+    return paired_differences(rows)
+
+
+def paired_display(frame: pd.DataFrame) -> pd.DataFrame:
+    """:func:`paired` as text cells: the mean difference ± std in points, and the repeats ahead."""
+    out = pd.DataFrame(
+        {
+            "Pair": frame["pair"].str.replace("-", " − ", regex=False),
+            "Experiment": frame["experiment"],
+            "Model": frame["model"],
+            "Window": frame["gap_window"],
+            "Repeats": frame["n_repeats"],
+        }
+    )
+    for metric, label in (("recovery", "Recovery"), ("precision", "Precision")):
+        cells = [paired_cells(row, metric) for row in frame.to_dict("records")]
+        out[f"{label} (points)"] = [c[0] for c in cells]
+        out[f"{label}: ahead"] = [c[1] for c in cells]
+    return out
 
 
 def format_pm(mean: float, std: float, kind: str) -> str:

@@ -180,6 +180,113 @@ def aggregate_table1(frame: pd.DataFrame, windows: Sequence[str] | None = None) 
     return table.drop(columns="_window").reset_index(drop=True)
 
 
+#: training sets compared repeat by repeat, first minus second: the campaigns' finds against the random
+#: control's (does the optimiser beat chance at equal budget?) and against the initial samples alone
+PAIRS: tuple[tuple[str, str], ...] = (("AL", "random"), ("AL", "BS"))
+PAIRED_METRICS = ("recovery", "precision")
+
+
+def paired_differences(
+    frame: pd.DataFrame,
+    pairs: Sequence[tuple[str, str]] = PAIRS,
+    metrics: Sequence[str] = PAIRED_METRICS,
+) -> pd.DataFrame:
+    """``first`` minus ``second`` per experiment, model and window, paired by repeat.
+
+    The BS, AL and random sets of one repeat share that repeat's initial samples, so the difference per
+    repeat is the fair comparison, and its spread, not the spread of either set alone, says whether one
+    set beats the other by more than the noise. ``frame`` is ``metrics.parquet``'s. One row per pair,
+    experiment, model and window over the repeats both sets have: ``n_repeats``, and per metric
+    ``<m>_diff_mean``, ``<m>_diff_std`` (sample; NaN with one repeat), ``<m>_ahead`` (repeats where the
+    first set scores higher) and ``<m>_n`` (repeats where both have the metric: precision is undefined
+    for a screener without hits).
+    """
+    keys = ["experiment", "model", "gap_window", "repeat"]
+    columns = ["pair", "experiment", "model", "gap_window", "n_repeats"]
+    columns += [f"{m}_{s}" for m in metrics for s in ("diff_mean", "diff_std", "ahead", "n")]
+    rows = []
+    for first, second in pairs:
+        a = frame[frame["training_set"] == first].set_index(keys)
+        b = frame[frame["training_set"] == second].set_index(keys)
+        both = a.index.intersection(b.index, sort=False)
+        if both.empty:
+            continue
+        diff = a.loc[both, list(metrics)].astype(float) - b.loc[both, list(metrics)].astype(float)
+        for (experiment, model, window), d in diff.groupby(level=[0, 1, 2], sort=False):
+            row: dict[str, Any] = {
+                "pair": f"{first}-{second}",
+                "experiment": experiment,
+                "model": model,
+                "gap_window": window,
+                "n_repeats": len(d),
+            }
+            for m in metrics:
+                values = d[m].dropna()
+                row[f"{m}_diff_mean"] = values.mean() if len(values) else math.nan
+                row[f"{m}_diff_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+                row[f"{m}_ahead"] = int((values > 0).sum())
+                row[f"{m}_n"] = len(values)
+            rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def paired_json(paired: pd.DataFrame) -> dict[str, Any]:
+    """Paired differences nested as pair -> experiment -> model -> window -> values (NaN as null)."""
+    out: dict[str, Any] = {}
+    for row in paired.to_dict("records"):
+        cell = out.setdefault(row["pair"], {}).setdefault(row["experiment"], {}).setdefault(row["model"], {})
+        cell[row["gap_window"]] = {
+            k: (int(v) if k == "n_repeats" or k.endswith(("_ahead", "_n")) else _finite(v))
+            for k, v in row.items()
+            if k not in ("pair", "experiment", "model", "gap_window")
+        }
+    return out
+
+
+def paired_cells(row: Mapping[str, Any], metric: str) -> list[str]:
+    """A :func:`paired_differences` row's ``metric`` as two cells: the mean difference ± its std in
+    percentage points, and 'k of n' repeats ahead."""
+    mean, std = float(row[f"{metric}_diff_mean"]), float(row[f"{metric}_diff_std"])
+    text = "n/a" if not math.isfinite(mean) else f"{100 * mean:+.1f}"
+    if math.isfinite(mean) and math.isfinite(std):
+        text += f" ± {100 * std:.1f}"
+    return [text, f"{int(row[f'{metric}_ahead'])} of {int(row[f'{metric}_n'])}"]
+
+
+def paired_markdown(paired: pd.DataFrame, metrics: Sequence[str] = PAIRED_METRICS) -> list[str]:
+    """The paired differences as a markdown section (no lines for an empty table)."""
+    if paired.empty:
+        return []
+    lines = [
+        "",
+        "## Paired by repeat",
+        "",
+        "The sets of one repeat share its initial samples, so each cell is the mean ± sample standard "
+        "deviation of the per-repeat difference (first set minus second, in percentage points), and "
+        "*ahead* counts the repeats where the first set scores higher. A mean larger than its standard "
+        "deviation is a difference larger than the spread over repeats.",
+        "",
+    ]
+    header = (
+        "| pair | experiment | model | window | repeats | "
+        + " | ".join(f"{m} | ahead" for m in metrics)
+        + " |"
+    )
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in paired.to_dict("records"):
+        cells = [
+            row["pair"].replace("-", " − "),
+            str(row["experiment"]),
+            str(row["model"]),
+            str(row["gap_window"]),
+        ]
+        cells.append(str(int(row["n_repeats"])))
+        for m in metrics:
+            cells += paired_cells(row, m)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _finite(value: Any) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
@@ -230,8 +337,10 @@ def table1_markdown(
     oracle_counts: Mapping[str, int] | None = None,
     context: Mapping[str, Any] | None = None,
     paper: Mapping[tuple[str, str], Mapping[str, float]] = PAPER_TABLE1,
+    paired: pd.DataFrame | None = None,
 ) -> str:
-    """A readable markdown report of Table 1, with the paper's figures beside ours where known."""
+    """A readable markdown report of Table 1, with the paper's figures beside ours where known, and the
+    sets' differences paired by repeat (:func:`paired_differences`) when ``paired`` is given."""
     lines = ["# Table 1: screening the generated candidates", ""]
     if context:
         for key, value in context.items():
@@ -288,4 +397,6 @@ def table1_markdown(
         lines.append("| " + " | ".join(cells) + " |")
     if table.empty:
         lines.append("| (no rows) |" + " |" * (header.count("|") - 2))
+    if paired is not None:
+        lines += paired_markdown(paired)
     return "\n".join(lines) + "\n"

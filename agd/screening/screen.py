@@ -56,6 +56,8 @@ from agd.screening.metrics import (
     aggregate_table1,
     counts_metrics,
     describe_window,
+    paired_differences,
+    paired_json,
     table1_json,
     table1_markdown,
     window_mask,
@@ -1055,10 +1057,12 @@ def run_screening_stage(
     }
     report_path = Path(report) if report is not None else out / "table1.md"
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(table1_markdown(table, cfg.windows, n_oracle, context))
+    paired = paired_differences(frame)
+    report_path.write_text(table1_markdown(table, cfg.windows, n_oracle, context, paired=paired))
 
     summary = {
         "table1": table1_json(table),
+        "paired": paired_json(paired),
         "oracle": {
             "name": screen.oracle_name,
             "screened": screen.n_screened,

@@ -101,12 +101,12 @@ def campaign_lines(before: pd.DataFrame, after: pd.DataFrame, high_gap: float) -
     columns = ["high_gap", "high_gap_systems", "most_in_one_system"]
     lines = [
         "",
-        f"Per campaign and repeat: finds above {high_gap:g} eV, the chemical systems (element sets) they span, "
-        "and the most finds (any gap) in one system; after, before, the difference paired by repeat, and "
-        "the repeats where it is positive.",
+        f"Per campaign and repeat: finds above {high_gap:g} eV, the chemical systems (element sets) those "
+        "span, and the most finds (any gap) in one system; after, before, the difference paired by repeat, "
+        "and the repeats where it is positive.",
         "",
-        "| campaign | repeats | above: after | before | difference | ahead | systems: after | before | "
-        "difference | ahead | most in one system: after | before | difference | ahead |",
+        f"| campaign | repeats | above {high_gap:g} eV: after | before | difference | ahead | their systems: after | "
+        "before | difference | ahead | most in one system: after | before | difference | ahead |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     shared = before.index.intersection(after.index)

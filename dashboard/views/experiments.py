@@ -38,6 +38,18 @@ st.caption(
     "Mean ± sample standard deviation over repeats; recovery = recovered / oracle hits, precision = recovered / model hits."
 )
 
+st.subheader("Paired by repeat: AL − random, AL − BS")
+paired = ui.query("paired", tuple(chosen_experiments), tuple(chosen_models), tuple(chosen_windows))
+if paired.empty:
+    st.info("No selected experiment has both sets of a pair (AL and random, or AL and BS).")
+else:
+    st.table(data.paired_display(paired).set_index(["Pair", "Experiment", "Model", "Window"]))
+    st.caption(
+        "The sets of one repeat share its initial samples: each cell is the mean ± sample standard deviation "
+        "of the per-repeat difference in percentage points, and 'ahead' counts the repeats where AL scores "
+        "higher. A mean larger than its standard deviation is a difference larger than the spread over repeats."
+    )
+
 st.subheader("BS vs AL vs random")
 chart_metrics = st.multiselect(
     "Charts",

@@ -59,6 +59,16 @@ def test_experiments_table1_equals_catalog(app_env, fixture_tables):
         assert row["MAE test (eV)"] == _pm(rows.mae_test.mean(), rows.mae_test.std(), 3)
         assert row["Candidates (n)"] == _pm(rows.n_candidates.mean(), rows.n_candidates.std(), 0)
 
+    # AL minus random and AL minus BS, paired by repeat
+    paired = at.table[1].value
+    for second in ("random", "BS"):
+        for (experiment, model, window), rows in metrics.groupby(["experiment", "model", "gap_window"]):
+            by_set = rows.set_index(["training_set", "repeat"])
+            diff = 100 * (by_set.loc["AL", "recovery"] - by_set.loc[second, "recovery"]).dropna()
+            row = paired.loc[(f"AL − {second}", experiment, model, window)]
+            assert row["Recovery (points)"] == f"{diff.mean():+.1f} ± {diff.std():.1f}"
+            assert row["Recovery: ahead"] == f"{int((diff > 0).sum())} of {len(diff)}"
+
     # the recovery bar chart: a bar per experiment and training set, faceted by model and window;
     # heights are the means in percent, error bars one standard deviation either side
     spec, bars = _vega(at, 0)

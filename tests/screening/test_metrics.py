@@ -16,6 +16,8 @@ from agd.screening.metrics import (
     aggregate_table1,
     counts_metrics,
     describe_window,
+    paired_differences,
+    paired_json,
     recovery_metrics,
     table1_json,
     table1_markdown,
@@ -141,6 +143,47 @@ def test_aggregate_mean_and_sample_std():
 
     with pytest.raises(ValueError, match="duplicate"):
         aggregate_table1(pd.concat([frame, frame.iloc[:1]]))
+
+
+def test_sets_are_compared_repeat_by_repeat():
+    nan = math.nan
+    rows = []
+    for training_set, recovery, precision in (
+        ("AL", [0.6, 0.5, 0.7], [0.4, 0.3, 0.5]),
+        ("random", [0.4, 0.5, 0.5], [0.2, nan, 0.1]),  # repeat 1: no hits, so no precision
+        ("BS", [0.3, 0.2, 0.4], [0.1, 0.1, 0.1]),
+    ):
+        for repeat in range(3):
+            rows.append(("Exp2", repeat, training_set, recovery[repeat], precision[repeat]))
+    rows += [("Exp3", 0, "AL", 0.5, 0.5), ("Exp3", 0, "BS", 0.1, 0.2), ("Exp1", 0, "ALL", 0.8, 0.7)]
+    frame = pd.DataFrame(rows, columns=["experiment", "repeat", "training_set", "recovery", "precision"])
+    frame = frame.assign(model="roost", gap_window="gt6")
+
+    paired = paired_differences(frame)
+    assert [tuple(r) for r in paired[["pair", "experiment"]].itertuples(index=False)] == [
+        ("AL-random", "Exp2"),
+        ("AL-BS", "Exp2"),
+        ("AL-BS", "Exp3"),  # Exp3 has no random set here, Exp1 no pair at all
+    ]
+    exp2 = paired.iloc[0]
+    # recovery: +0.2, 0, +0.2 -> mean 2/15, sample std sqrt(((1/15)^2 * 2 + (2/15)^2) / 2)
+    assert exp2["n_repeats"] == 3 and exp2["recovery_ahead"] == 2 and exp2["recovery_n"] == 3
+    assert exp2["recovery_diff_mean"] == pytest.approx(2 / 15)
+    assert exp2["recovery_diff_std"] == pytest.approx(math.sqrt(((1 / 15) ** 2 * 2 + (2 / 15) ** 2) / 2))
+    # precision: +0.2, undefined, +0.4 -> the two defined repeats
+    assert exp2["precision_diff_mean"] == pytest.approx(0.3) and exp2["precision_n"] == 2
+    single = paired.iloc[2]
+    assert single["n_repeats"] == 1 and math.isnan(single["recovery_diff_std"])
+
+    nested = paired_json(paired)
+    assert nested["AL-random"]["Exp2"]["roost"]["gt6"]["precision_ahead"] == 2
+    assert nested["AL-BS"]["Exp3"]["roost"]["gt6"]["recovery_diff_std"] is None
+
+    table = aggregate_table1(frame)
+    md = table1_markdown(table, paired=paired)
+    assert "| AL − random | Exp2 | roost | gt6 | 3 | +13.3 ± 11.5 | 2 of 3 | +30.0 ± 14.1 | 2 of 2 |" in md
+    assert "| AL − BS | Exp3 | roost | gt6 | 1 | +40.0 | 1 of 1 | +30.0 | 1 of 1 |" in md
+    assert "Paired by repeat" not in table1_markdown(table)
 
 
 def test_paper_figures_match_the_papers_candidate_lists(shared_data):

@@ -417,6 +417,9 @@ def test_cli_run_writes_metrics_report_and_an_mlflow_run(first, inputs, tmp_path
     metrics = json.loads((tmp_path / "metrics" / "screening.json").read_text())
     assert set(metrics["table1"]) == {"Exp1", "Exp2", "Exp3"}
     assert metrics["table1"]["Exp3"]["random"]["forest"]["gt6"]["n_repeats"] == 2
+    # AL minus BS, paired by repeat, where an experiment has both (Exp2); no experiment has AL and random
+    assert set(metrics["paired"]) == {"AL-BS"} and set(metrics["paired"]["AL-BS"]) == {"Exp2"}
+    assert metrics["paired"]["AL-BS"]["Exp2"]["forest"]["gt6"]["n_repeats"] == 1
     assert (tmp_path / "reports" / "table1.md").read_text() == (first / "table1.md").read_text()
 
     client = mlflow.MlflowClient(uri)
