@@ -279,7 +279,7 @@ def test_pipeline_diff_pairs_screeners_by_repeat_and_flags_the_unchanged_ones() 
         "+5.0 ± 7.1 | 1 of 2 | no |"
     )
     (bs,) = [line for line in lines if line.startswith("| Exp2 | BS |")]
-    assert bs.endswith("| yes |")  # a repeat without hits (no precision) still counts as unchanged
+    assert bs.endswith("| 0 of 1 | yes |")  # a repeat without hits has no precision: unchanged, not compared
     changed = after.assign(n_recovered=np.where(after.training_set == "BS", 4, after.n_recovered))
     (bs,) = [line for line in screening_lines(before, changed, ["gt6"], ["roost"]) if "| BS |" in line]
     assert bs.endswith("| no |")

@@ -235,8 +235,9 @@ def _paired_lines(frame: pd.DataFrame, first: str, second: str) -> list[str]:
 
 
 def paired_cells(diff: pd.Series | np.ndarray) -> list[str]:
-    """Per-repeat differences (points) as two table cells: mean ± std, and how many repeats are ahead."""
-    diff = pd.Series(np.asarray(diff, dtype=float))
+    """Per-repeat differences (points) as two table cells: mean ± std, and how many repeats are ahead, of
+    those with a value (precision is undefined for a screener without hits)."""
+    diff = pd.Series(np.asarray(diff, dtype=float)).dropna()
     return [_pm(diff.mean(), diff.std(), "+"), f"{int((diff > 0).sum())} of {len(diff)}"]
 
 
