@@ -482,6 +482,12 @@ class CampaignConfig(_Section):
         "at the cap, counted at the start of each round, is refused in the acquisition step, so the budget "
         "spreads over chemistries (None: no cap; needs `accept` rules)",
     )
+    cap_within_round: bool = Field(
+        False,
+        description="count a round's own picks toward max_per_system too, so no system passes the cap "
+        "(false: finds are counted at the start of each round, and one round may put several picks into a "
+        "system that was open; needs the `new` accept rule)",
+    )
     acquisition: AcquisitionConfig = AcquisitionConfig()
 
     @model_validator(mode="after")
@@ -490,6 +496,13 @@ class CampaignConfig(_Section):
             raise ValueError(
                 "max_per_system is enforced in the acquisition step, which `accept: []` (the paper) skips; "
                 "give accept rules (e.g. [valid, new]) or set max_per_system: null"
+            )
+        if self.cap_within_round and self.max_per_system is None:
+            raise ValueError("cap_within_round counts picks toward max_per_system, which is null: set a cap")
+        if self.cap_within_round and "new" not in self.accept:
+            raise ValueError(
+                "cap_within_round tells a round's picks apart by their formulas, which the acquisition step "
+                "gets with the `new` accept rule only: add it (e.g. accept: [valid, new])"
             )
         return self
 

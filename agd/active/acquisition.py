@@ -45,7 +45,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Hashable, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn, Protocol
 
@@ -70,6 +71,47 @@ from agd.config import AcquisitionConfig
 #: return ``(mask, keys)`` with one hashable key per latent (e.g. the decoded formula): then no two
 #: suggestions of one batch share a key, so a batch does not spend its budget on one formula.
 AcceptFn = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, Sequence[Hashable]]"]
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Most picks one batch may take per group of keys (keys as ``AcceptFn`` gives them).
+
+    E.g. with formulas as keys and their chemical systems as groups, a batch puts at most ``room[s]``
+    formulas into system ``s`` (``default`` for a system absent from ``room``).
+    """
+
+    group: Callable[[Hashable], Hashable | None]  # a key's group; None: in no group, never limited
+    room: Mapping[Hashable, int]
+    default: int
+
+    def __post_init__(self) -> None:
+        if self.default < 0 or any(n < 0 for n in self.room.values()):
+            raise ValueError("a quota's room cannot be negative")
+
+
+class BatchClaims:
+    """The keys one batch has taken: refuses a key taken already, or one whose group's quota is full."""
+
+    def __init__(self, quota: Quota | None = None) -> None:
+        self.quota = quota
+        self.taken: set[Hashable] = set()
+        self.per_group: Counter[Hashable] = Counter()
+
+    def claim(self, key: Hashable | None) -> bool:
+        """Take ``key`` for the batch if it may be taken; None (a candidate without a key) always may."""
+        if key is None:
+            return True
+        if key in self.taken:
+            return False
+        group = self.quota.group(key) if self.quota is not None else None
+        if group is not None:
+            if self.per_group[group] >= self.quota.room.get(group, self.quota.default):
+                return False
+            self.per_group[group] += 1
+        self.taken.add(key)
+        return True
+
 
 # The GP that BayesianOptimization.__init__ builds (bayes_opt 3.x):
 # GaussianProcessRegressor(kernel=Matern(nu=2.5), alpha=1e-6, normalize_y=True, n_restarts_optimizer=5);
@@ -147,7 +189,7 @@ class LatentOptimizer(Protocol):
 
     def register(self, x: ArrayLike, y: ArrayLike) -> None: ...
 
-    def suggest(self, n: int, accept: AcceptFn | None = None) -> Suggestions: ...
+    def suggest(self, n: int, accept: AcceptFn | None = None, quota: Quota | None = None) -> Suggestions: ...
 
 
 def make_acquisition(config: AcquisitionConfig) -> AcquisitionFunction:
@@ -499,7 +541,7 @@ class _CandidatePool:
 class _AcceptGate:
     """Calls the caller's accept() on the best unchecked candidates, in chunks; counts and times it."""
 
-    def __init__(self, accept: AcceptFn | None, chunk: int):
+    def __init__(self, accept: AcceptFn | None, chunk: int, quota: Quota | None = None):
         self.accept = accept
         self.chunk = chunk
         self.checked = 0
@@ -507,7 +549,7 @@ class _AcceptGate:
         self.seconds = 0.0
         self.cpu_seconds = 0.0
         self.keys: dict[int, Hashable] = {}  # pool index -> key, when accept() gives keys
-        self.claimed: set[Hashable] = set()  # keys of this batch's picks
+        self.claims = BatchClaims(quota)  # keys of this batch's picks
 
     def check(self, x: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
         """accept() on rows x (pool indices ``index``); remembers their keys when accept() gives any."""
@@ -531,14 +573,8 @@ class _AcceptGate:
         return ok
 
     def claim(self, i: int) -> bool:
-        """Reserve candidate i's key for this batch; False when an earlier pick holds it."""
-        key = self.keys.get(i)
-        if key is None:
-            return True
-        if key in self.claimed:
-            return False
-        self.claimed.add(key)
-        return True
+        """Reserve candidate i's key for this batch; False when an earlier pick holds it or its quota."""
+        return self.claims.claim(self.keys.get(i))
 
     def best(self, scores: np.ndarray, status: np.ndarray, x: np.ndarray) -> int | None:
         """Index of the best-scoring accepted candidate among rows x (status updated in place), or None."""
@@ -551,7 +587,7 @@ class _AcceptGate:
             if status[i] != 0:
                 if self.claim(i):
                     return i
-                status[i], scores[i] = -1, -np.inf  # its key went to an earlier pick of this batch
+                status[i], scores[i] = -1, -np.inf  # its key (or its group's quota) went to earlier picks
                 self.rejected += 1
                 continue
             unchecked = np.flatnonzero((status == 0) & np.isfinite(scores))
@@ -820,23 +856,25 @@ class BatchOptimizer:
         # duplicates (of a start, of each other, of registered points) are excluded when picking
         return _refine(gp, starts, self.acquisition, y_best, boxes, self.config.refine_maxiter)
 
-    def suggest(self, n: int, accept: AcceptFn | None = None) -> Suggestions:
+    def suggest(self, n: int, accept: AcceptFn | None = None, quota: Quota | None = None) -> Suggestions:
         """n distinct latents in the box; with ``accept``, only latents it accepts.
 
         ``accept`` is called on the best unchecked candidates, ``config.accept_chunk`` at a time,
         so it only sees the part of the pool that competes for the batch. When it has rejected a
         whole pool, up to ``config.max_extra_pools`` fresh pools are drawn; if fewer than n
         candidates are accepted after that, NoAcceptableCandidateError is raised carrying those found.
+        With ``quota`` (and keys from ``accept``), a candidate whose group's quota earlier picks of the
+        batch have filled is passed over like one ``accept`` rejects.
         """
         with threadpool_limits(limits=self.config.blas_threads, user_api="blas"):
-            return self._suggest(n, accept)
+            return self._suggest(n, accept, quota)
 
-    def _suggest(self, n: int, accept: AcceptFn | None) -> Suggestions:
+    def _suggest(self, n: int, accept: AcceptFn | None, quota: Quota | None) -> Suggestions:
         if n < 1:
             raise ValueError("n must be positive")
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, self._n])
-        gate = _AcceptGate(accept, cfg.accept_chunk)
+        gate = _AcceptGate(accept, cfg.accept_chunk, quota)
         wall0, cpu0 = time.perf_counter(), time.process_time()
         gp = self.fit_gp() if self._n else None
         wall1, cpu1 = time.perf_counter(), time.process_time()
@@ -996,24 +1034,34 @@ class StockOptimizer:
         t2 = time.perf_counter(), time.process_time()
         return x, np.array([t1[0] - t0[0], t1[1] - t0[1], t2[0] - t1[0], t2[1] - t1[1]])
 
-    def suggest(self, n: int, accept: AcceptFn | None = None) -> Suggestions:
-        """n suggestions, each from a fresh ``suggest()`` (no registering in between, as in the paper)."""
-        with threadpool_limits(limits=self.config.blas_threads, user_api="blas"):
-            return self._suggest(n, accept)
+    def suggest(self, n: int, accept: AcceptFn | None = None, quota: Quota | None = None) -> Suggestions:
+        """n suggestions, each from a fresh ``suggest()`` (no registering in between, as in the paper).
 
-    def _suggest(self, n: int, accept: AcceptFn | None) -> Suggestions:
+        With ``accept``, only latents it accepts; with its keys, no two of a batch share one, and
+        ``quota`` limits the picks per group of keys (as :meth:`BatchOptimizer.suggest`).
+        """
+        with threadpool_limits(limits=self.config.blas_threads, user_api="blas"):
+            return self._suggest(n, accept, quota)
+
+    def _suggest(self, n: int, accept: AcceptFn | None, quota: Quota | None) -> Suggestions:
         if n < 1:
             raise ValueError("n must be positive")
-        gate = _AcceptGate(accept, 1)
+        gate = _AcceptGate(accept, 1, quota)
         found: list[np.ndarray] = []
         seconds = np.zeros(4)
         for _ in range(self.max_attempts_per_point * n):
             x, spent = self._suggest_one()
             seconds += spent
-            if accept is None or gate.check(x[None, :])[0]:
-                found.append(x)
-                if len(found) == n:
-                    break
+            if accept is not None:
+                gate.keys.clear()
+                if not gate.check(x[None, :])[0]:
+                    continue
+                if not gate.claim(0):
+                    gate.rejected += 1  # its key, or its group's quota, went to an earlier pick
+                    continue
+            found.append(x)
+            if len(found) == n:
+                break
         if len(found) < n:
             BatchOptimizer._give_up(n, np.array(found).reshape(-1, len(self.bounds)), gate, 1)
         x = np.array(found)

@@ -43,8 +43,10 @@ import pyarrow.parquet as pq
 
 from agd.active.acquisition import (
     AcceptFn,
+    BatchClaims,
     LatentOptimizer,
     NoAcceptableCandidateError,
+    Quota,
     make_optimizer,
 )
 from agd.chem.formula import FormulaError, parse_formula
@@ -117,8 +119,11 @@ class CampaignSpec:
     def fingerprint(self, cfg: CampaignConfig, initial: pd.DataFrame) -> str:
         """Hash of everything that decides the table: spec, settings and initial samples."""
         config = cfg.model_dump(mode="json")
-        if config.get("max_per_system") is None:  # added later: off, it leaves earlier tables valid
+        # settings added later: at their default (off) they leave earlier tables valid
+        if config.get("max_per_system") is None:
             config.pop("max_per_system", None)
+        if not config.get("cap_within_round"):
+            config.pop("cap_within_round", None)
         payload = {
             "spec": asdict(self),
             "config": config,
@@ -137,6 +142,11 @@ def chemical_system(formula: str | None) -> frozenset[str]:
         return frozenset(parse_formula(formula))
     except FormulaError:
         return frozenset()
+
+
+def _system_group(formula: str | None) -> frozenset[str] | None:
+    """A formula key's group for the per-system quota: its chemical system; None (no limit) if it has none."""
+    return chemical_system(formula) or None
 
 
 class LatentChemistry:
@@ -398,11 +408,19 @@ class Campaign:
         self, round_: int, n: int, optimizer: LatentOptimizer, known: set[str], table: pd.DataFrame
     ) -> pd.DataFrame:
         start = time.perf_counter()
-        accept = self.chemistry.acceptor(self.cfg.accept, known, self._closed_systems(table))
+        counts = self._system_counts(table)
+        cap = self.cfg.max_per_system
+        closed = {system for system, count in counts.items() if cap is not None and count >= cap}
+        accept = self.chemistry.acceptor(self.cfg.accept, known, closed)
+        quota = (
+            Quota(_system_group, {system: max(cap - count, 0) for system, count in counts.items()}, cap)
+            if self.cfg.cap_within_round
+            else None
+        )
         timing = {"gp_fit_s": 0.0, "acquisition_s": 0.0}
         if self.spec.method == "bo":
             try:
-                suggestions = optimizer.suggest(n, accept)
+                suggestions = optimizer.suggest(n, accept, quota)
                 x, acq = suggestions.x, suggestions.acquisition
                 mean, std = suggestions.mean, suggestions.std
                 timing = {
@@ -415,7 +433,7 @@ class Campaign:
                 acq = mean = std = np.full(len(x), np.nan)
         else:
             t0 = time.perf_counter()
-            x = self._random_latents(round_, n, accept, table)
+            x = self._random_latents(round_, n, accept, table, quota)
             acq = mean = std = np.full(len(x), np.nan)
             timing["acquisition_s"] = time.perf_counter() - t0
         rows = self._judge(round_, x, known, table)
@@ -427,17 +445,17 @@ class Campaign:
         rows["round_s"] = time.perf_counter() - start
         return rows
 
-    def _closed_systems(self, table: pd.DataFrame) -> set[frozenset[str]]:
-        """Chemical systems holding ``max_per_system`` of the campaign's registered finds already."""
-        cap = self.cfg.max_per_system
-        if cap is None:
-            return set()
+    def _system_counts(self, table: pd.DataFrame) -> Counter[frozenset[str]]:
+        """The campaign's registered finds per chemical system (empty when ``max_per_system`` is off)."""
+        if self.cfg.max_per_system is None:
+            return Counter()
         finds = table.loc[(table["round"] > 0) & (table["fate"] == REGISTERED), "reduced_formula"].dropna()
         counts = Counter(chemical_system(key) for key in finds)
-        return {system for system, n in counts.items() if system and n >= cap}
+        counts.pop(frozenset(), None)
+        return counts
 
     def _random_latents(
-        self, round_: int, n: int, accept: AcceptFn | None, table: pd.DataFrame
+        self, round_: int, n: int, accept: AcceptFn | None, table: pd.DataFrame, quota: Quota | None = None
     ) -> np.ndarray:
         """The control: random latents (seeded by round), kept only if ``accept`` passes them.
 
@@ -460,7 +478,7 @@ class Campaign:
         if accept is None:
             return draw(n)
         found: list[np.ndarray] = []
-        claimed: set = set()
+        claims = BatchClaims(quota)
         drawn, chunk = 0, self.cfg.acquisition.accept_chunk
         while len(found) < n and drawn < self.cfg.random_draws:
             x = draw(chunk)
@@ -468,9 +486,8 @@ class Campaign:
             answer = accept(x)
             ok, keys = answer if isinstance(answer, tuple) else (answer, [None] * len(x))
             for row, good, key in zip(x, ok, keys, strict=True):
-                if good and len(found) < n and (key is None or key not in claimed):
+                if good and len(found) < n and claims.claim(key):
                     found.append(row)
-                    claimed.add(key)
         if len(found) < n:
             log.warning(
                 "%s r%d round %d: %d of %d random latents accepted in %d draws",

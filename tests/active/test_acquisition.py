@@ -19,8 +19,10 @@ from agd.active.acquisition import (
     LENGTH_SCALE_INIT,
     MATERN_NU,
     AcquisitionConfig,
+    BatchClaims,
     BatchOptimizer,
     NoAcceptableCandidateError,
+    Quota,
     StockOptimizer,
     _local_maximum,
     fit_matern_gp,
@@ -199,6 +201,59 @@ def test_accept_hook_is_honoured_and_counted():
     # with nothing registered, too
     first = BatchOptimizer(bounds, config).suggest(10, accept=accept)
     assert np.all(first.x[:, 0] < -0.2) and first.report.n_rejected > 0
+
+
+def _cells(z: np.ndarray) -> list[tuple[int, ...]]:
+    """Each latent's cell on a grid of spacing 0.25: the key of a synthetic accept()."""
+    return [tuple(np.floor(row * 4).astype(int).tolist()) for row in z]
+
+
+def _right_half(cell: tuple[int, ...]) -> bool | None:
+    """The group of a cell: the half x0 >= 0 (where shifted_quadratic peaks) or none."""
+    return True if cell[0] >= 0 else None
+
+
+def test_batch_claims_refuse_a_taken_key_and_a_full_group():
+    claims = BatchClaims(Quota(_right_half, {True: 2}, default=5))
+    assert claims.claim(None) and claims.claim(None)  # candidates without keys are never limited
+    assert claims.claim((0, 0)) and not claims.claim((0, 0))  # a key once per batch
+    assert claims.claim((1, 0))
+    assert not claims.claim((2, 0))  # the group's room (2) is used up
+    assert all(claims.claim((-k, 0)) for k in range(1, 9))  # a key in no group: only distinct
+    assert claims.per_group[True] == 2
+    plain = BatchClaims()
+    assert plain.claim((2, 0)) and plain.claim((3, 0)) and plain.claim((4, 0))
+    with pytest.raises(ValueError, match="negative"):
+        Quota(_right_half, {True: -1}, default=1)
+
+
+def test_a_quota_limits_the_picks_per_group_in_both_paths():
+    bounds = box(3)
+    x, y = initial_points(bounds, 20, shifted_quadratic)
+
+    def accept(z: np.ndarray) -> tuple[np.ndarray, list]:
+        return np.ones(len(z), dtype=bool), _cells(z)
+
+    quota = Quota(_right_half, {True: 2}, default=2)
+    config = AcquisitionConfig(accept_chunk=64)
+    free = BatchOptimizer.from_points(bounds, x, y, config).suggest(8, accept)
+    assert sum(c[0] >= 0 for c in _cells(free.x)) > 2  # the peak's half draws the batch (the case at hand)
+    out = BatchOptimizer.from_points(bounds, x, y, config).suggest(8, accept, quota)
+    cells = _cells(out.x)
+    assert len(set(cells)) == 8 and sum(c[0] >= 0 for c in cells) == 2
+    assert out.report.n_rejected > 0
+    # with nothing registered, the first uniform points honour it too
+    first = BatchOptimizer(bounds, config).suggest(8, accept, Quota(_right_half, {}, default=1))
+    assert sum(c[0] >= 0 for c in _cells(first.x)) == 1
+    # the package's path suggests one point again and again (nothing is registered in between): with
+    # keys a batch takes it once, and a quota without room for its group not at all
+    stock = StockOptimizer.from_points(bounds, x, y, AcquisitionConfig(seed=3, method="stock"))
+    again = _cells(stock.suggest(3).x)
+    assert len(set(again)) == 1 and again[0][0] >= 0
+    with pytest.raises(NoAcceptableCandidateError, match="found 1 of the 3"):
+        stock.suggest(3, accept)
+    with pytest.raises(NoAcceptableCandidateError, match="found 0 of the 3"):
+        stock.suggest(3, accept, Quota(_right_half, {True: 0}, default=1))
 
 
 def test_accept_rejecting_everything_raises_with_counts():

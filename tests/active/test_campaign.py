@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from agd.active.acquisition import Quota
 from agd.active.campaign import (
     FATES,
     INITIAL,
@@ -391,7 +392,31 @@ def test_a_system_at_the_cap_gets_no_more_finds_in_later_rounds(parts, tmp_path)
     assert np.array_equal(shut, systems != systems[0])
 
 
+def test_a_cap_within_round_counts_the_rounds_own_picks(parts, tmp_path):
+    soft_cfg, strict_cfg = _cfg(max_per_system=2), _cfg(max_per_system=2, cap_within_round=True)
+    soft = _campaign(parts, tmp_path / "s.parquet", budget=40, seed=3, cfg=soft_cfg).run(progress=False)
+    assert _systems_by_round(soft).groupby("system").size().max() > 2  # one round passed the cap
+    strict = _campaign(parts, tmp_path / "c.parquet", budget=40, seed=3, cfg=strict_cfg)
+    finds = _systems_by_round(strict.run(progress=False))
+    assert len(finds) == 40 and finds["system"].map(len).gt(0).all()
+    assert finds.groupby("system").size().max() <= 2  # within a round too
+    spec = CampaignSpec("T-bo", "T", 0, "bo", 40, 2.576, 3)
+    assert spec.fingerprint(strict_cfg, parts[2]) != spec.fingerprint(soft_cfg, parts[2])
+
+    # the random control's draws honour the quota as well: no room anywhere, no latent
+    control = _campaign(parts, tmp_path / "r.parquet", "random", budget=40, seed=3, cfg=strict_cfg)
+    table = control.run(progress=False)
+    assert _systems_by_round(table).groupby("system").size().max() <= 2
+    accept = parts[0].acceptor(["valid", "new"], set())
+    assert len(control._random_latents(9, 5, accept, table)) == 5
+    assert len(control._random_latents(9, 5, accept, table, Quota(chemical_system, {}, default=0))) == 0
+
+
 def test_a_system_cap_needs_accept_rules():
     with pytest.raises(ValueError, match="max_per_system"):
         _cfg(accept=[], max_per_system=2)
+    with pytest.raises(ValueError, match="cap_within_round"):
+        _cfg(cap_within_round=True)
+    with pytest.raises(ValueError, match="`new` accept rule"):
+        _cfg(accept=["valid"], max_per_system=2, cap_within_round=True)
     assert chemical_system("Li2O") == frozenset({"Li", "O"}) and chemical_system(None) == frozenset()
