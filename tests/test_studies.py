@@ -312,5 +312,7 @@ def test_pipeline_diff_counts_each_campaigns_finds_and_their_chemical_systems(tm
     assert line == (
         "| Exp2-bo | 1 | 2.0 | 3.0 | -1.0 | 0 of 1 | 2.0 | 2.0 | +0.0 | 0 of 1 | 1.0 | 3.0 | -2.0 | 0 of 1 |"
     )
+    named = campaign_lines(before, after, 6.0, names=("variant", "pipeline"))
+    assert "| above 6 eV: variant | pipeline |" in named[3] and named[-1] == line
     with pytest.raises(ValueError, match="no campaign state tables"):
         campaign_stats(tmp_path / "empty", 6.0)

@@ -31,7 +31,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -104,6 +104,17 @@ class CampaignStateError(RuntimeError):
     """A state table that cannot be resumed (other settings, or damaged); the message says what to do."""
 
 
+#: campaign settings added after state tables were first written, and the value that turns each off
+LATE_SETTINGS = {"max_per_system": None, "cap_within_round": False}
+
+
+def late_settings_off(cfg: CampaignConfig) -> set[str]:
+    """The late settings (:data:`LATE_SETTINGS`) that ``cfg`` leaves off. Hashes of the settings (a table's
+    fingerprint, the MLflow parent run's key) leave these out, so tables and runs from before a setting
+    existed stay valid while it is off."""
+    return {name for name, off in LATE_SETTINGS.items() if getattr(cfg, name) == off}
+
+
 @dataclass(frozen=True)
 class CampaignSpec:
     """Who a campaign is: its names, method, budget, exploration weight and seed."""
@@ -118,15 +129,9 @@ class CampaignSpec:
 
     def fingerprint(self, cfg: CampaignConfig, initial: pd.DataFrame) -> str:
         """Hash of everything that decides the table: spec, settings and initial samples."""
-        config = cfg.model_dump(mode="json")
-        # settings added later: at their default (off) they leave earlier tables valid
-        if config.get("max_per_system") is None:
-            config.pop("max_per_system", None)
-        if not config.get("cap_within_round"):
-            config.pop("cap_within_round", None)
         payload = {
             "spec": asdict(self),
-            "config": config,
+            "config": cfg.model_dump(mode="json", exclude=late_settings_off(cfg)),
             "initial": pd.util.hash_pandas_object(initial[["reduced_formula", "band_gap"]], index=False)
             .to_numpy()
             .tolist(),
@@ -142,6 +147,13 @@ def chemical_system(formula: str | None) -> frozenset[str]:
         return frozenset(parse_formula(formula))
     except FormulaError:
         return frozenset()
+
+
+def system_counts(formulas: Iterable[str | None]) -> Counter[frozenset[str]]:
+    """How many of ``formulas`` fall in each chemical system (formulas without one left out)."""
+    counts = Counter(chemical_system(formula) for formula in formulas)
+    counts.pop(frozenset(), None)
+    return counts
 
 
 def _system_group(formula: str | None) -> frozenset[str] | None:
@@ -449,10 +461,9 @@ class Campaign:
         """The campaign's registered finds per chemical system (empty when ``max_per_system`` is off)."""
         if self.cfg.max_per_system is None:
             return Counter()
-        finds = table.loc[(table["round"] > 0) & (table["fate"] == REGISTERED), "reduced_formula"].dropna()
-        counts = Counter(chemical_system(key) for key in finds)
-        counts.pop(frozenset(), None)
-        return counts
+        return system_counts(
+            table.loc[(table["round"] > 0) & (table["fate"] == REGISTERED), "reduced_formula"]
+        )
 
     def _random_latents(
         self, round_: int, n: int, accept: AcceptFn | None, table: pd.DataFrame, quota: Quota | None = None
@@ -619,11 +630,14 @@ def round_metrics(table: pd.DataFrame, round_: int, high_gap: float) -> dict[str
 
 
 def campaign_summary(table: pd.DataFrame, high_gap: float) -> dict[str, float]:
-    """Totals of one finished campaign: valid-decode fraction, new formulas, high-gap hits, best label."""
+    """Totals of one finished campaign: valid-decode fraction, new formulas, high-gap hits and the chemical
+    systems they span, best label."""
     suggested = table[table["round"] > 0]
     n = max(len(suggested), 1)
     budget = int(table["budget"].iat[0])
     new_valid = suggested[(suggested["fate"] == REGISTERED) & suggested["valid"].astype(bool)]
+    high = new_valid["label"] > high_gap
+    systems = system_counts(new_valid["reduced_formula"])
     return {
         "n_initial": float((table["round"] == 0).sum()),
         "n_suggested": float(len(suggested)),
@@ -632,7 +646,11 @@ def campaign_summary(table: pd.DataFrame, high_gap: float) -> dict[str, float]:
         "valid_fraction": float(suggested["valid"].astype(bool).sum() / n),
         "valid_of_budget": float(suggested["valid"].astype(bool).sum() / budget),
         "n_new_valid": float(len(new_valid)),
-        "n_high_gap": float((new_valid["label"] > high_gap).sum()),
+        "n_high_gap": float(high.sum()),
+        # how far the finds spread over chemistries (element sets): what max_per_system acts on
+        "n_systems": float(len(systems)),
+        "n_high_gap_systems": float(len(system_counts(new_valid.loc[high, "reduced_formula"]))),
+        "most_in_one_system": float(max(systems.values(), default=0)),
         "best_label": float(np.nanmax(table["label"])),
         "best_new_label": float(new_valid["label"].max()) if len(new_valid) else math.nan,
         "seconds": float(suggested.groupby("round")["round_s"].first().sum()) if len(suggested) else 0.0,

@@ -38,6 +38,7 @@ from agd.active.campaign import (
     CampaignSpec,
     LatentChemistry,
     campaign_summary,
+    late_settings_off,
     round_metrics,
 )
 from agd.config import ExperimentsConfig, ExperimentSpec, Params
@@ -204,6 +205,14 @@ def _write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def settings_key(cfg: ExperimentsConfig) -> str:
+    """The key of a campaign's MLflow parent run: a hash of the experiments settings. A campaign setting
+    added later leaves it unchanged while off, so a resumed campaign finds its runs (max_per_system, None
+    or not, was part of it from the start)."""
+    late = late_settings_off(cfg.campaign) - {"max_per_system"}
+    return hashlib.sha256(cfg.model_dump_json(exclude={"campaign": late}).encode()).hexdigest()[:12]
+
+
 class _Tracking:
     """Keeps each repeat's MLflow run in step with its state table (rounds logged once, in order)."""
 
@@ -211,7 +220,7 @@ class _Tracking:
         from agd.tracking.mlflow import CampaignTracker
 
         self.tracker = CampaignTracker(params.tracking, "campaigns", tags=tags)
-        self.settings = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
+        self.settings = settings_key(cfg)
         self.params = {"experiments": cfg.model_dump(mode="json"), "validity": params.validity.model_dump()}
         self.high_gap = cfg.campaign.high_gap
         self._runs: dict[tuple[str, int], tuple[str, set[int]]] = {}

@@ -26,6 +26,7 @@ import pandas as pd
 import yaml
 
 from agd.config import CampaignConfig, load_params
+from bench.studies.pipeline_diff import campaign_lines, campaign_stats
 from bench.studies.screener_threshold import paired_metric_cells
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,9 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         changes[key] = yaml.safe_load(value)
     params = yaml.safe_load((args.root / "params.yaml").read_text())
     folder = args.work / args.name
-    path = prepare_folder(
-        args.root, folder, variant_params(params, args.experiment, args.repeats, changes, args.random)
-    )
+    variant = variant_params(params, args.experiment, args.repeats, changes, args.random)
+    path = prepare_folder(args.root, folder, variant)
     experiments = folder / "data" / "experiments"
     command = [
         sys.executable, "-m", "agd.cli", "--params", str(path), "experiments",
@@ -124,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     if code == 0 and metrics.is_file():
         rows = pd.read_csv(folder / "screeners.csv")
         lines = pipeline_lines(rows, pd.read_parquet(metrics), args.experiment, sets, args.set)
+        high_gap = CampaignConfig.model_validate(variant["experiments"]["campaign"]).high_gap
+        lines += campaign_lines(
+            campaign_stats(args.root / "data" / "experiments" / "campaigns", high_gap),
+            campaign_stats(experiments / "campaigns", high_gap),
+            high_gap,
+            names=("variant", "pipeline"),
+        )
         print("\n".join(lines))
         if args.out:
             with args.out.open("a") as report:

@@ -15,13 +15,12 @@ Exp1's ALL) should find the same hits; the report says which did.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from agd.active.campaign import chemical_system
+from agd.active.campaign import system_counts
 from bench.studies.screener_threshold import paired_metric_cells
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +77,7 @@ def campaign_stats(folder: Path, high_gap: float) -> pd.DataFrame:
     for path in sorted(folder.glob("*/repeat-*.parquet")):
         table = pd.read_parquet(path, columns=["round", "fate", "reduced_formula", "label"])
         finds = table[(table["round"] > 0) & (table["fate"] == "registered")]
-        systems = Counter(chemical_system(f) for f in finds["reduced_formula"])
+        systems = system_counts(finds["reduced_formula"])
         high = finds[finds["label"] > high_gap]
         rows.append(
             {
@@ -87,7 +86,7 @@ def campaign_stats(folder: Path, high_gap: float) -> pd.DataFrame:
                 "finds": len(finds),
                 "high_gap": len(high),
                 "systems": len(systems),
-                "high_gap_systems": len({chemical_system(f) for f in high["reduced_formula"]}),
+                "high_gap_systems": len(system_counts(high["reduced_formula"])),
                 "most_in_one_system": max(systems.values(), default=0),
             }
         )
@@ -96,17 +95,21 @@ def campaign_stats(folder: Path, high_gap: float) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["campaign", "repeat"]).sort_index()
 
 
-def campaign_lines(before: pd.DataFrame, after: pd.DataFrame, high_gap: float) -> list[str]:
-    """Each campaign's finds above ``high_gap`` and their chemical systems, after against before."""
+def campaign_lines(
+    before: pd.DataFrame, after: pd.DataFrame, high_gap: float, names: tuple[str, str] = ("after", "before")
+) -> list[str]:
+    """Each campaign's finds above ``high_gap`` and their chemical systems, after against before (the
+    columns' ``names``)."""
     columns = ["high_gap", "high_gap_systems", "most_in_one_system"]
+    new, old = names
     lines = [
         "",
         f"Per campaign and repeat: finds above {high_gap:g} eV, the chemical systems (element sets) those "
-        "span, and the most finds (any gap) in one system; after, before, the difference paired by repeat, "
+        f"span, and the most finds (any gap) in one system; {new}, {old}, the difference paired by repeat, "
         "and the repeats where it is positive.",
         "",
-        f"| campaign | repeats | above {high_gap:g} eV: after | before | difference | ahead | their systems: after | "
-        "before | difference | ahead | most in one system: after | before | difference | ahead |",
+        f"| campaign | repeats | above {high_gap:g} eV: {new} | {old} | difference | ahead | their systems: {new} "
+        f"| {old} | difference | ahead | most in one system: {new} | {old} | difference | ahead |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     shared = before.index.intersection(after.index)

@@ -229,12 +229,12 @@ def _paired_lines(frame: pd.DataFrame, first: str, second: str) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for threshold, d in diff.groupby(level="threshold"):
-        cells = [*paired_cells(d.recovery), *paired_cells(d.precision)]
+        cells = [*difference_cells(d.recovery), *difference_cells(d.precision)]
         lines.append(f"| {threshold:g} | {len(d)} | " + " | ".join(cells) + " |")
     return lines
 
 
-def paired_cells(diff: pd.Series | np.ndarray) -> list[str]:
+def difference_cells(diff: pd.Series | np.ndarray) -> list[str]:
     """Per-repeat differences (points) as two table cells: mean ± std, and how many repeats are ahead, of
     those with a value (precision is undefined for a screener without hits)."""
     diff = pd.Series(np.asarray(diff, dtype=float)).dropna()
@@ -245,12 +245,12 @@ def paired_metric_cells(
     first: pd.DataFrame, second: pd.DataFrame, columns: list[str], scale: float = 100
 ) -> list[str]:
     """Per column: ``first`` and ``second`` (mean ± std over repeats, times ``scale``), then ``first`` minus
-    ``second`` paired by repeat (:func:`paired_cells`). The two frames are indexed alike, one row a repeat."""
+    ``second`` paired by repeat (:func:`difference_cells`). The two frames are indexed alike, one row a repeat."""
     cells = []
     for column in columns:
         a, b = scale * first[column], scale * second[column]
         cells += [_pm(a.mean(), a.std()), _pm(b.mean(), b.std())]
-        cells += paired_cells(a.to_numpy() - b.to_numpy())
+        cells += difference_cells(a.to_numpy() - b.to_numpy())
     return cells
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from agd.active.campaign import (
     CampaignSpec,
     CampaignStateError,
     LatentChemistry,
+    campaign_summary,
     chemical_system,
     round_metrics,
 )
@@ -30,6 +32,7 @@ from agd.active.experiments import (
     kappa_curve,
     plan_campaigns,
     run_experiments,
+    settings_key,
 )
 from agd.chem.validity import ValidityChecker
 from agd.config import CampaignConfig, ExperimentsConfig, ExperimentSpec, params_from_dict
@@ -397,11 +400,16 @@ def test_a_cap_within_round_counts_the_rounds_own_picks(parts, tmp_path):
     soft = _campaign(parts, tmp_path / "s.parquet", budget=40, seed=3, cfg=soft_cfg).run(progress=False)
     assert _systems_by_round(soft).groupby("system").size().max() > 2  # one round passed the cap
     strict = _campaign(parts, tmp_path / "c.parquet", budget=40, seed=3, cfg=strict_cfg)
-    finds = _systems_by_round(strict.run(progress=False))
+    strict_table = strict.run(progress=False)
+    finds = _systems_by_round(strict_table)
     assert len(finds) == 40 and finds["system"].map(len).gt(0).all()
     assert finds.groupby("system").size().max() <= 2  # within a round too
     spec = CampaignSpec("T-bo", "T", 0, "bo", 40, 2.576, 3)
     assert spec.fingerprint(strict_cfg, parts[2]) != spec.fingerprint(soft_cfg, parts[2])
+    # the campaign's totals say how its finds spread over chemical systems
+    totals = campaign_summary(strict_table, 6.0)
+    assert totals["most_in_one_system"] == 2 and totals["n_systems"] == finds["system"].nunique()
+    assert campaign_summary(soft, 6.0)["most_in_one_system"] > 2
 
     # the random control's draws honour the quota as well: no room anywhere, no latent
     control = _campaign(parts, tmp_path / "r.parquet", "random", budget=40, seed=3, cfg=strict_cfg)
@@ -410,6 +418,25 @@ def test_a_cap_within_round_counts_the_rounds_own_picks(parts, tmp_path):
     accept = parts[0].acceptor(["valid", "new"], set())
     assert len(control._random_latents(9, 5, accept, table)) == 5
     assert len(control._random_latents(9, 5, accept, table, Quota(chemical_system, {}, default=0))) == 0
+
+
+def test_a_late_setting_left_off_keeps_the_mlflow_key_of_earlier_runs():
+    cfg = ExperimentsConfig.model_validate({"campaign": {"max_per_system": 2}})
+    # the settings as an agd without cap_within_round wrote them
+    older = cfg.model_dump_json().replace(',"cap_within_round":false', "")
+    assert older != cfg.model_dump_json()
+    assert settings_key(cfg) == hashlib.sha256(older.encode()).hexdigest()[:12]
+    strict = cfg.model_copy(update={"campaign": cfg.campaign.model_copy(update={"cap_within_round": True})})
+    assert settings_key(strict) != settings_key(cfg)
+    # max_per_system was part of the key from the start, null included
+    uncapped = ExperimentsConfig()
+    assert '"max_per_system":null' in uncapped.model_dump_json()
+    assert (
+        settings_key(uncapped)
+        == hashlib.sha256(
+            uncapped.model_dump_json().replace(',"cap_within_round":false', "").encode()
+        ).hexdigest()[:12]
+    )
 
 
 def test_a_system_cap_needs_accept_rules():
