@@ -476,6 +476,47 @@ def kappa_sweep(db: Path, experiment: str, threshold: float) -> pd.DataFrame:
     )
 
 
+def system_spread(db: Path, experiments: Sequence[str], threshold: float) -> pd.DataFrame:
+    """Per campaign, mean over its repeats: the formulas it registered after the initial samples, the
+    chemical systems (element sets) they span, those above ``threshold`` eV and their systems, and the most
+    finds in one system (mean and largest). What ``experiments.campaign.max_per_system`` acts on."""
+    from agd.active.campaign import system_counts  # loads torch: only when the tab is open
+
+    condition, params = _in("experiment", experiments)
+    finds = _query(
+        db,
+        "SELECT experiment, campaign, repeat, formula, label FROM al_samples "
+        f"WHERE {condition} AND round > 0 AND fate = 'registered'",
+        params,
+    )
+    rows = []
+    for (experiment, campaign, repeat), group in finds.groupby(
+        ["experiment", "campaign", "repeat"], sort=True
+    ):
+        systems = system_counts(group["formula"])
+        high = group.loc[group["label"] > threshold, "formula"]
+        rows.append(
+            {
+                "experiment": experiment,
+                "campaign": campaign,
+                "repeat": repeat,
+                "finds": len(group),
+                "systems": len(systems),
+                "high_gap": len(high),
+                "high_gap_systems": len(system_counts(high)),
+                "most_in_one_system": max(systems.values(), default=0),
+            }
+        )
+    columns = ["finds", "systems", "high_gap", "high_gap_systems", "most_in_one_system"]
+    if not rows:
+        return pd.DataFrame(columns=["experiment", "campaign", "repeats", *columns, "most_max"])
+    per = pd.DataFrame(rows).groupby(["experiment", "campaign"], sort=True)
+    out = per[columns].mean()
+    out.insert(0, "repeats", per["repeat"].nunique())
+    out["most_max"] = per["most_in_one_system"].max()
+    return out.reset_index()
+
+
 def sweep_experiment(index: pd.DataFrame) -> str | None:
     """The experiment that holds the kappa sweep: 'kappa' if present, else the one with most distinct kappas."""
     if index.empty:

@@ -1,4 +1,5 @@
-"""Campaigns: per-round band gaps and best so far (Fig. 5a), the kappa sweep (Fig. 5b), valid decodes, MLflow runs."""
+"""Campaigns: per-round band gaps and best so far (Fig. 5a), the kappa sweep (Fig. 5b), valid decodes, how the
+finds spread over chemical systems, MLflow runs."""
 
 import pandas as pd
 import streamlit as st
@@ -128,6 +129,38 @@ def _kappa_sweep(index: pd.DataFrame, experiments: list[str]) -> None:
         st.dataframe(found.round(2), width="stretch", key="kappa_table")
 
 
+def _spread(index: pd.DataFrame, experiments: list[str]) -> None:
+    """How each campaign's finds spread over chemical systems, mean over repeats."""
+    left, right = st.columns(2)
+    chosen = left.multiselect("Experiments", experiments, default=experiments, key="spread_experiments")
+    threshold = right.number_input(
+        "Band-gap threshold (eV)", min_value=0.0, max_value=20.0, value=6.0, step=0.5, key="spread_threshold"
+    )
+    spread = ui.query("system_spread", tuple(chosen), float(threshold))
+    if spread.empty:
+        st.info("No registered finds in the chosen experiments.")
+        return
+    st.caption(
+        "Per campaign, mean over repeats: the new formulas it registered, the chemical systems (element "
+        f"sets) they span, those above {threshold:g} eV and their systems, and the most finds in one system "
+        "(`experiments.campaign.max_per_system` caps it)."
+    )
+    st.dataframe(
+        spread,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "high_gap": st.column_config.NumberColumn(f"finds > {threshold:g} eV", format="%.1f"),
+            "high_gap_systems": st.column_config.NumberColumn("their systems", format="%.1f"),
+            "most_in_one_system": st.column_config.NumberColumn("most in one system", format="%.1f"),
+            "most_max": st.column_config.NumberColumn("most in one system (largest)"),
+            "finds": st.column_config.NumberColumn(format="%.1f"),
+            "systems": st.column_config.NumberColumn(format="%.1f"),
+        },
+        key="spread_table",
+    )
+
+
 def _mlflow(index: pd.DataFrame, experiments: list[str]) -> None:
     """The campaigns' MLflow runs, each with a link into `mlflow ui`."""
     cfg = ui.settings()
@@ -159,6 +192,7 @@ TABS = {
     "Rounds (Fig. 5a)": _rounds,
     "Valid decodes": _valid_rate,
     "Kappa sweep (Fig. 5b)": _kappa_sweep,
+    "Chemical spread": _spread,
     "MLflow runs": _mlflow,
 }
 

@@ -157,6 +157,7 @@ def test_campaigns_rounds_sweep_and_valid_rate(app_env, fixture_tables):
         "Rounds (Fig. 5a)",
         "Valid decodes",
         "Kappa sweep (Fig. 5b)",
+        "Chemical spread",
         "MLflow runs",
     ]
     assert len(at.get("vega_lite_chart")) == 1 and len(at.dataframe) == 1 and not at.table
@@ -203,6 +204,39 @@ def test_campaigns_rounds_sweep_and_valid_rate(app_env, fixture_tables):
     assert "No runs tagged" in " ".join(i.value for i in at.info) or "No MLflow store" in " ".join(
         i.value for i in at.info
     )
+
+
+def test_campaigns_chemical_spread_equals_the_catalog(app_env, fixture_tables):
+    from agd.active.campaign import chemical_system
+
+    al = fixture_tables["al_samples"]
+    finds = al[(al["round"] > 0) & (al["fate"] == "registered")]
+    assert finds["formula"].map(chemical_system).map(len).gt(0).all()
+    at = make_app().run()
+    at.switch_page("views/campaigns.py").run()
+    at.session_state["camp_tab"] = "Chemical spread"
+    at.run()
+    _no_failure(at)
+    at.number_input(key="spread_threshold").set_value(3.0).run()
+    _no_failure(at)
+    shown = at.dataframe[0].value.set_index("campaign")
+    assert set(shown.index) == set(finds["campaign"])
+    columns = ["finds", "systems", "high_gap", "high_gap_systems", "most_in_one_system"]
+    for campaign, rows in finds.groupby("campaign"):
+        per_repeat = []
+        for _, one in rows.groupby("repeat"):
+            systems = one["formula"].map(chemical_system)
+            high = one.loc[one["label"] > 3.0, "formula"].map(chemical_system)
+            per_repeat.append(
+                [len(one), systems.nunique(), len(high), high.nunique(), systems.value_counts().max()]
+            )
+        np.testing.assert_allclose(shown.loc[campaign, columns].to_numpy(float), np.mean(per_repeat, axis=0))
+        assert shown.loc[campaign, "repeats"] == rows["repeat"].nunique()
+    assert (shown["high_gap"] > 0).any()  # the threshold leaves something to count
+    # no experiment chosen: a message, not an empty table
+    at.multiselect(key="spread_experiments").set_value([]).run()
+    _no_failure(at)
+    assert not at.dataframe and "No registered finds" in at.info[0].value
 
 
 def test_campaigns_link_mlflow_runs(app_env, tmp_path, monkeypatch):
