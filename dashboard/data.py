@@ -480,7 +480,7 @@ def system_spread(db: Path, experiments: Sequence[str], threshold: float) -> pd.
     """Per campaign, mean over its repeats: the formulas it registered after the initial samples, the
     chemical systems (element sets) they span, those above ``threshold`` eV and their systems, and the most
     finds in one system (mean and largest). What ``experiments.campaign.max_per_system`` acts on."""
-    from agd.active.campaign import system_counts  # loads torch: only when the tab is open
+    from agd.chem.systems import system_counts  # pymatgen's parser: only when the tab is open
 
     condition, params = _in("experiment", experiments)
     finds = _query(

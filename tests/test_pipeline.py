@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from agd.active.campaign import chemical_system
+from agd.chem.systems import chemical_system
 from agd.tracking.catalog import CatalogReader
 from tests.conftest import REPO_ROOT, read_shared_csv
 

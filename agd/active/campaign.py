@@ -31,7 +31,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -49,7 +49,7 @@ from agd.active.acquisition import (
     Quota,
     make_optimizer,
 )
-from agd.chem.formula import FormulaError, parse_formula
+from agd.chem.systems import chemical_system, system_counts
 from agd.chem.validity import ValidityChecker
 from agd.config import CampaignConfig
 from agd.models.autoencoder import TrainedAutoencoder
@@ -137,23 +137,6 @@ class CampaignSpec:
             .tolist(),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def chemical_system(formula: str | None) -> frozenset[str]:
-    """The element set of a formula; empty for none or one that does not parse."""
-    if not formula:
-        return frozenset()
-    try:
-        return frozenset(parse_formula(formula))
-    except FormulaError:
-        return frozenset()
-
-
-def system_counts(formulas: Iterable[str | None]) -> Counter[frozenset[str]]:
-    """How many of ``formulas`` fall in each chemical system (formulas without one left out)."""
-    counts = Counter(chemical_system(formula) for formula in formulas)
-    counts.pop(frozenset(), None)
-    return counts
 
 
 def _system_group(formula: str | None) -> frozenset[str] | None:

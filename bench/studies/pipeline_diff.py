@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from agd.active.campaign import system_counts
+from agd.chem.systems import system_counts
 from bench.studies.screener_threshold import paired_metric_cells
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -207,7 +207,7 @@ def test_campaigns_rounds_sweep_and_valid_rate(app_env, fixture_tables):
 
 
 def test_campaigns_chemical_spread_equals_the_catalog(app_env, fixture_tables):
-    from agd.active.campaign import chemical_system
+    from agd.chem.systems import chemical_system
 
     al = fixture_tables["al_samples"]
     finds = al[(al["round"] > 0) & (al["fate"] == "registered")]
