@@ -85,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="the variant's folder under --work")
     parser.add_argument(
-        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="experiments.campaign changes"
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="experiments.campaign changes (repeat --set or list several after one)",
     )
     parser.add_argument("--experiment", default="Exp2")
     parser.add_argument("--repeats", type=int, default=5)
