@@ -43,6 +43,7 @@ PAGES = {
 CAMPAIGN_TABS = {
     "Valid decodes": ('[data-testid="stTable"] >> text=valid rate', _VEGA),
     "Kappa sweep (Fig. 5b)": ("text=New formulas above", _VEGA, _GRID),
+    "Chemical spread": ("text=the chemical systems (element sets)", _GRID),
     "MLflow runs": ('[data-testid="stCaptionContainer"]:has-text("Links open"), [data-testid="stAlert"]',),
 }
 

@@ -45,12 +45,13 @@ def test_experiments_page_in_chromium(fixture_catalog, fixture_tables, tmp_path)
         sweep_tab = page.inner_text("body")
         # every other tab's ready selectors (those `loadtime` waits on) must match what the tab draws
         others = {}
-        for label in ("Valid decodes", "MLflow runs"):
+        for label in ("Valid decodes", "Chemical spread", "MLflow runs"):
             open_tab(page, label, CAMPAIGN_TABS[label], timeout_s=30)
             others[label] = page.inner_text("body")
     assert "Band-gap threshold" not in first_tab and "best so far" in first_tab.lower()
     assert "Band-gap threshold" in sweep_tab and "New formulas above 6 eV" in sweep_tab
     assert "valid rate" in others["Valid decodes"]
+    assert "most finds in one system" in others["Chemical spread"]
     assert "No MLflow store at" in others["MLflow runs"]  # the fixture points MLflow at an empty path
     assert "Experiments: screening performance (Table 1)" in body
     for value in expected:
