@@ -859,8 +859,7 @@ def dvc_status(dvc_file: Path) -> DvcStatus:
     """DVC's status of one dvc.yaml, through DVC's Python API; failures become a message.
 
     In-process rather than ``dvc status`` in a subprocess: a new interpreter importing DVC costs 2-3 s on
-    every refresh, while the API answers in well under a second once DVC is imported (the dashboard's
-    warm-up imports it in the background).
+    every refresh, while the API answers in well under a second once DVC is imported.
     """
     empty = pd.DataFrame(columns=["stage", "state", "details"])
     dvc_file = dvc_file.resolve()

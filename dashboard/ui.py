@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +13,6 @@ from dashboard import data
 def settings() -> data.Settings:
     """Settings read afresh on every run (cheap), so a changed AGD_CATALOG or params.yaml takes effect."""
     return data.load_settings()
-
-
-@st.cache_resource(show_spinner=False)
-def warm_mlflow(uri: str, delay_s: float = 1.5) -> threading.Thread:
-    """Once per server and tracking URI: import mlflow and open its store in a background thread.
-
-    On a fresh server the Campaigns page otherwise pays about 2 s for that (1.2 s of imports, 0.9 s for
-    the store's first query) before its MLflow table appears. The delay lets the first page's own script
-    run first on a 2-core machine. Anything that fails here fails again, visibly, on the page.
-    """
-
-    def warm() -> None:
-        time.sleep(delay_s)
-        data.mlflow_runs(uri)
-
-    thread = threading.Thread(target=warm, name="agd-warm-mlflow", daemon=True)
-    thread.start()
-    return thread
 
 
 @st.cache_data(show_spinner=False, max_entries=8, ttl=30)

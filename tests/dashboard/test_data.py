@@ -83,24 +83,3 @@ def test_structure_summary_rejects_bad_cif(fixture_tables):
     assert info["formula"] == "MgO" and len(sites) == 8
     with pytest.raises(ValueError, match="unreadable CIF"):
         data.structure_summary("data_broken\n_cell_length_a nonsense\n")
-
-
-def test_warm_mlflow_reads_the_store_once_in_the_background(tmp_path):
-    import mlflow
-
-    from dashboard import ui
-
-    missing = tmp_path / "none.db"
-    thread = ui.warm_mlflow(f"sqlite:///{missing}", delay_s=0.0)
-    thread.join(timeout=60)
-    assert not thread.is_alive()
-    assert not missing.exists()  # warming never creates an empty store where there is none
-    assert ui.warm_mlflow(f"sqlite:///{missing}", delay_s=0.0) is thread  # once per server and URI
-
-    store = tmp_path / "mlflow.db"
-    client = mlflow.MlflowClient(f"sqlite:///{store}")
-    client.create_run(client.create_experiment("agd-x", artifact_location=(tmp_path / "a").as_uri()))
-    other = ui.warm_mlflow(f"sqlite:///{store}", delay_s=0.0)
-    assert other is not thread
-    other.join(timeout=60)
-    assert not other.is_alive()
