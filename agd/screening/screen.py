@@ -15,11 +15,14 @@ once for all of them: every chunk is featurised once (Magpie for the forests, Ro
 for the Roost models) and every model predicts it. Only one chunk's formulas exist as Python
 objects at a time.
 
-Resume: each finished group writes ``state/groups/<group>.hits.parquet`` then ``<group>.json``; a
-fingerprint of everything the group depends on (its rows, the model's config, the windows, the
-oracle's screening, the test set) decides whether a stored group is reused. The final tables are
-rebuilt from the stored groups in a fixed order, so a rerun, or a run resumed after a kill, writes
-the same files.
+Resume: each finished group writes ``state/groups/<group>.hits.parquet``, ``<group>.test.parquet``
+(its model's predictions for the whole prepared 'test' split) then ``<group>.json``; a fingerprint
+of everything the group depends on (its rows, the model's config, the windows, the oracle's
+screening, the test set) decides whether a stored group is reused. The test set is the one input
+that does not change the model: when only it changed (a new campaign adds or drops compositions of
+the 'test' split in some training set), a stored group is rescored from its stored predictions
+instead of retrained. The final tables are rebuilt from the stored groups in a fixed order, so a
+rerun, or a run resumed after a kill, writes the same files.
 
 Outputs in ``out_dir``: ``metrics.parquet`` (catalog table ``screening_metrics``), ``hits.parquet``
 (catalog table ``screening``), ``table1.parquet`` (the aggregated Table 1), ``rejected_rows.csv``
@@ -184,18 +187,26 @@ def read_training_sets(source: str | os.PathLike | pd.DataFrame) -> tuple[pd.Dat
     return good.reset_index(drop=True), rejected.reset_index(drop=True)
 
 
-def external_test_set(prepared: str | os.PathLike | pd.DataFrame, training_keys: set[str]) -> pd.DataFrame:
-    """The prepared 'test' split without any composition present in a training set (key, formula, gap)."""
+def test_pool(prepared: str | os.PathLike | pd.DataFrame, training_keys: set[str]) -> pd.DataFrame:
+    """The prepared 'test' split (key, formula, gap), in key order, with ``in_test``: False where the
+    composition is in a training set. Every model predicts the whole pool; it is scored on ``in_test``."""
     data = prepared if isinstance(prepared, pd.DataFrame) else pd.read_parquet(prepared)
     missing = [c for c in ("reduced_formula", "band_gap", "split") if c not in data.columns]
     if missing:
         raise ScreeningError(f"prepared dataset lacks column(s) {missing}")
-    test = data.loc[data["split"] == "test", ["reduced_formula", "band_gap"]].copy()
-    test["key"] = [_safe_key(f) for f in test["reduced_formula"]]
-    test = test[test["key"].notna() & np.isfinite(test["band_gap"].to_numpy(dtype=float))]
-    overlap = test["key"].isin(training_keys)
-    test = test.loc[~overlap].sort_values("key", kind="stable").reset_index(drop=True)
-    test.attrs["removed_overlap"] = int(overlap.sum())
+    pool = data.loc[data["split"] == "test", ["reduced_formula", "band_gap"]].copy()
+    pool["key"] = [_safe_key(f) for f in pool["reduced_formula"]]
+    pool = pool[pool["key"].notna() & np.isfinite(pool["band_gap"].to_numpy(dtype=float))]
+    pool = pool.sort_values("key", kind="stable").reset_index(drop=True)
+    pool["in_test"] = ~pool["key"].isin(training_keys)
+    return pool
+
+
+def external_test_set(prepared: str | os.PathLike | pd.DataFrame, training_keys: set[str]) -> pd.DataFrame:
+    """The prepared 'test' split without any composition present in a training set (key, formula, gap)."""
+    pool = test_pool(prepared, training_keys)
+    test = pool.loc[pool["in_test"], ["reduced_formula", "band_gap", "key"]].reset_index(drop=True)
+    test.attrs["removed_overlap"] = int((~pool["in_test"]).sum())
     return test
 
 
@@ -586,6 +597,7 @@ class _Prepared:
     screener: _Screener
     fingerprint: str
     info: dict[str, Any]
+    test_predictions: np.ndarray  # the screener's gaps for every row of the test pool, in pool order
     n_candidates: dict[str, int] = field(default_factory=dict)
     n_recovered: dict[str, int] = field(default_factory=dict)
     n_unpredicted: int = 0
@@ -600,7 +612,12 @@ def _prepare_group(
     cfg: ScreeningConfig,
     progress: bool,
 ) -> _Prepared:
-    """Split, train, score on the hold-out and the external test set."""
+    """Split, train, score on the hold-out and the external test set.
+
+    ``test`` is the pool of :func:`test_pool` (or any frame of test rows: without ``in_test``, all
+    are scored). The screener predicts every pool row, so a later test set, a subset of the same
+    pool, can be scored from the stored predictions alone.
+    """
     # a composition listed twice (e.g. a data row and an oracle row) could sit on both sides of the split
     unique = rows.drop_duplicates("key", keep="first")
     duplicates = len(rows) - len(unique)
@@ -623,9 +640,9 @@ def _prepare_group(
     screener = model
     if cfg.refit_all:
         screener = _train_screener(group.model, formulas, gaps, cfg, seed, progress)
-    test_scores = _regression(
-        test["band_gap"].to_numpy(dtype=float), screener.predict_formulas(test["reduced_formula"].tolist())
-    )
+    predicted = screener.predict_formulas(test["reduced_formula"].tolist())
+    scored = test["in_test"].to_numpy(dtype=bool) if "in_test" in test else np.ones(len(test), dtype=bool)
+    test_scores = _regression(test["band_gap"].to_numpy(dtype=float)[scored], predicted[scored])
     info = {
         "n_train": int(len(train)),
         "n_holdout": int(n_hold),
@@ -636,7 +653,7 @@ def _prepare_group(
         **{f"{k}_test": test_scores[k] for k in ("r2", "mae", "rmse")},
         "n_test": int(test_scores["n"]),
     }
-    return _Prepared(group, screener, fingerprint, info)
+    return _Prepared(group, screener, fingerprint, info, predicted)
 
 
 def _prepare_item(
@@ -817,37 +834,76 @@ def _metric_rows(item: _Prepared, n_oracle: dict[str, int]) -> list[dict[str, An
     return rows
 
 
-def _store_group(state: Path, item: _Prepared, n_oracle: dict[str, int]) -> dict[str, Any]:
-    """Write a finished group: hits first, then the JSON that marks it complete."""
+def _store_group(
+    state: Path, item: _Prepared, n_oracle: dict[str, int], model_fingerprint: str, pool: pd.DataFrame
+) -> dict[str, Any]:
+    """Write a finished group: hits and test-pool predictions first, then the JSON that marks it complete."""
     state.mkdir(parents=True, exist_ok=True)
     hits = pa.concat_tables(item.hits) if item.hits else HITS_SCHEMA.empty_table()
-    hits_path = state / f"{item.group.name}.hits.parquet"
-    tmp = hits_path.with_name(f".{hits_path.name}.tmp")
-    pq.write_table(hits, tmp)
-    tmp.replace(hits_path)
+    _write_parquet(hits, state / f"{item.group.name}.hits.parquet")
+    predictions = pa.table(
+        {"key": pa.array(pool["key"].tolist(), pa.string()), "predicted_gap": item.test_predictions}
+    )
+    _write_parquet(predictions, state / f"{item.group.name}.test.parquet")
     record = {
         "fingerprint": item.fingerprint,
+        "model_fingerprint": model_fingerprint,
         "group": item.group.__dict__,
         "info": item.info | {"n_unpredicted": item.n_unpredicted},
         "rows": _metric_rows(item, n_oracle),
     }
-    json_path = state / f"{item.group.name}.json"
-    tmp = json_path.with_name(f".{json_path.name}.tmp")
-    tmp.write_text(json.dumps(_json_safe(record), indent=1))
-    tmp.replace(json_path)
+    _write_record(state, item.group, record)
     return record
 
 
-def _load_group(state: Path, group: Group, fingerprint: str) -> dict[str, Any] | None:
-    """A stored group if it is complete and was computed from the same inputs."""
+def _write_record(state: Path, group: Group, record: dict[str, Any]) -> None:
+    json_path = state / f"{group.name}.json"
+    tmp = json_path.with_name(f".{json_path.name}.tmp")
+    tmp.write_text(json.dumps(_json_safe(record), indent=1))
+    tmp.replace(json_path)
+
+
+def _load_group(state: Path, group: Group) -> dict[str, Any] | None:
+    """A stored group if it is complete (whatever inputs it was computed from)."""
     json_path = state / f"{group.name}.json"
     if not json_path.is_file() or not (state / f"{group.name}.hits.parquet").is_file():
         return None
     try:
-        record = json.loads(json_path.read_text())
+        return json.loads(json_path.read_text())
     except json.JSONDecodeError:
         return None
-    return record if record.get("fingerprint") == fingerprint else None
+
+
+def _rescore_group(
+    state: Path,
+    group: Group,
+    record: dict[str, Any],
+    fingerprints: tuple[str, str],
+    test: pd.DataFrame,
+) -> dict[str, Any] | None:
+    """A stored group whose model is current but whose test set changed, scored on the new test set
+    from its stored predictions (and stored so); None when it must be trained again.
+
+    Records written before the predictions were stored, and those whose predictions miss a row of the
+    new test set (a changed prepared split), cannot be rescored.
+    """
+    full, model = fingerprints
+    path = state / f"{group.name}.test.parquet"
+    if record.get("model_fingerprint") != model or not path.is_file():
+        return None
+    stored = pq.read_table(path).to_pandas()
+    predicted = pd.Series(stored["predicted_gap"].to_numpy(dtype=float), index=stored["key"])
+    predicted = predicted[~predicted.index.duplicated()]
+    if not test["key"].isin(predicted.index).all():
+        return None
+    scores = _regression(
+        test["band_gap"].to_numpy(dtype=float), predicted.loc[test["key"]].to_numpy(dtype=float)
+    )
+    renamed = {f"{k}_test": scores[k] for k in ("r2", "mae", "rmse")}
+    record = record | {"fingerprint": full, "info": record["info"] | renamed | {"n_test": int(scores["n"])}}
+    record["rows"] = [row | renamed for row in record["rows"]]
+    _write_record(state, group, record)
+    return record
 
 
 def _report_group(on_group: GroupCallback | None, group: Group, record: dict[str, Any]) -> None:
@@ -899,9 +955,11 @@ def plan_groups(training: pd.DataFrame, cfg: ScreeningConfig) -> list[Group]:
     return groups
 
 
-def _group_fingerprint(
+def _group_fingerprints(
     group: Group, rows: pd.DataFrame, cfg: ScreeningConfig, screen: OracleScreen, test_hash: str
-) -> str:
+) -> tuple[str, str]:
+    """(everything the group's figures depend on, everything its model and hits depend on): the
+    second leaves out the test set."""
     data = hashlib.sha256()
     ordered = rows.sort_values(["key", "band_gap"], kind="stable")
     for key, text, gap in zip(ordered["key"], ordered["reduced_formula"], ordered["band_gap"], strict=True):
@@ -917,16 +975,14 @@ def _group_fingerprint(
         }
     )
     settings["model"] = getattr(cfg, group.model).model_dump()
-    return _hash_json(
-        {
-            "version": _STATE_VERSION,
-            "group": group.__dict__,
-            "rows": data.hexdigest(),
-            "settings": settings,
-            "oracle": screen.fingerprint,
-            "test": test_hash,
-        }
-    )
+    model = {
+        "version": _STATE_VERSION,
+        "group": group.__dict__,
+        "rows": data.hexdigest(),
+        "settings": settings,
+        "oracle": screen.fingerprint,
+    }
+    return _hash_json(model | {"test": test_hash}), _hash_json(model)
 
 
 def run_screening_stage(
@@ -958,7 +1014,9 @@ def run_screening_stage(
             "no usable training rows" + (f" ({len(rejected)} rejected)" if len(rejected) else "")
         )
     rejected.to_csv(out / "rejected_rows.csv", index=False)
-    test = external_test_set(prepared, set(training["key"]))
+    pool = test_pool(prepared, set(training["key"]))
+    test = pool.loc[pool["in_test"]].reset_index(drop=True)
+    test.attrs["removed_overlap"] = int((~pool["in_test"]).sum())
     if test.empty:
         raise ScreeningError(
             "the external test set is empty: every prepared 'test' composition is in a training set"
@@ -972,46 +1030,59 @@ def run_screening_stage(
     groups = plan_groups(training, cfg)
     by_set = {k: g for k, g in training.groupby(["experiment", "repeat", "training_set"], sort=False)}
     records: dict[Group, dict[str, Any]] = {}
-    fingerprints: dict[Group, str] = {}
+    fingerprints: dict[Group, tuple[str, str]] = {}
     todo: list[Group] = []
+    rescored = 0
     for group in groups:
         rows = by_set[(group.experiment, group.repeat, group.training_set)]
-        fingerprints[group] = _group_fingerprint(group, rows, cfg, screen, test_hash)
-        record = _load_group(groups_state, group, fingerprints[group])
+        fingerprints[group] = _group_fingerprints(group, rows, cfg, screen, test_hash)
+        record = _load_group(groups_state, group)
+        if record is not None and record.get("fingerprint") != fingerprints[group][0]:
+            record = _rescore_group(groups_state, group, record, fingerprints[group], test)
+            rescored += record is not None
         if record is None:
             todo.append(group)
         else:
             records[group] = record
             _report_group(on_group, group, record)
-    log.info("screening: %d groups, %d stored, %d to run", len(groups), len(records), len(todo))
+    log.info(
+        "screening: %d groups, %d stored (%d of them rescored on a changed test set), %d to run",
+        len(groups),
+        len(records),
+        rescored,
+        len(todo),
+    )
     n_passes = math.ceil(len(todo) / cfg.groups_per_pass)
-    pool = _worker_pool(min(cfg.train_jobs, len(todo)), executor)
+    workers = _worker_pool(min(cfg.train_jobs, len(todo)), executor)
     screen_pool = _worker_pool(min(cfg.screen_jobs, len(screen.parts)) if todo else 1, executor)
+    test_rows = pool[["reduced_formula", "band_gap", "in_test"]]  # what a worker needs of the pool
     with (
-        pool if pool is not None else contextlib.nullcontext(),
+        workers if workers is not None else contextlib.nullcontext(),
         screen_pool if screen_pool is not None else contextlib.nullcontext(),
     ):
         for p in range(n_passes):
             batch = todo[p * cfg.groups_per_pass : (p + 1) * cfg.groups_per_pass]
             items = [
-                (group, by_set[(group.experiment, group.repeat, group.training_set)], fingerprints[group])
+                (group, by_set[(group.experiment, group.repeat, group.training_set)], fingerprints[group][0])
                 for group in batch
             ]
             ready = _train_pass(
-                items, test, cfg, progress, f"training pass {p + 1}/{n_passes}", executor, pool
+                items, test_rows, cfg, progress, f"training pass {p + 1}/{n_passes}", executor, workers
             )
             _screen_pass(
                 ready, screen, cfg, progress, f"screening pass {p + 1}/{n_passes}", executor, screen_pool
             )
             for item in ready:
-                records[item.group] = _store_group(groups_state, item, n_oracle)
+                records[item.group] = _store_group(
+                    groups_state, item, n_oracle, fingerprints[item.group][1], pool
+                )
                 _report_group(on_group, item.group, records[item.group])
             del ready
 
     # stored groups that are not part of this plan would only confuse a later reader of the state
     wanted = {g.name for g in groups}
     for file in groups_state.glob("*") if groups_state.is_dir() else ():
-        stem = file.name.removesuffix(".hits.parquet").removesuffix(".json")
+        stem = file.name.removesuffix(".hits.parquet").removesuffix(".test.parquet").removesuffix(".json")
         if stem not in wanted and not file.name.startswith("."):
             file.unlink()
 

@@ -355,6 +355,44 @@ def test_changed_settings_retrain_only_what_they_touch(first, inputs, tmp_path, 
     assert not list((copy / "state" / "groups").glob("*roost*"))  # groups no longer planned are pruned
 
 
+def test_a_changed_test_set_rescores_stored_groups_instead_of_training_them(
+    first, inputs, tmp_path, monkeypatch
+):
+    """One training set gains a composition of the 'test' split, so the common test set loses it: that
+    set's two models are trained again, a group whose stored test predictions are gone is trained again,
+    and every other group is rescored from its stored predictions. The tables equal a fresh run's."""
+    training = pd.read_parquet(inputs["training_sets"])
+    prepared = pd.read_parquet(inputs["prepared"])
+    test_keys = [formula_key(f) for f in prepared.loc[prepared["split"] == "test", "reduced_formula"]]
+    taken = next(k for k in test_keys if k not in set(training["reduced_formula"]))
+    chosen = (training.experiment == "Exp3") & (training.repeat == 1) & (training.training_set == "random")
+    extra = training.loc[chosen].iloc[[0]].assign(reduced_formula=taken, band_gap=2.5)
+    changed = inputs | {"training_sets": tmp_path / "training_sets.parquet"}
+    pd.concat([training, extra], ignore_index=True).to_parquet(changed["training_sets"])
+
+    copy = tmp_path / "out"
+    shutil.copytree(first, copy)
+    (copy / "state" / "groups" / f"{Group('Exp2', 0, 'BS', 'forest').name}.test.parquet").unlink()
+    trained = []
+    real = screen_module._train_screener
+    monkeypatch.setattr(
+        screen_module, "_train_screener", lambda kind, *a, **k: trained.append(kind) or real(kind, *a, **k)
+    )
+    _run(changed, copy)
+    assert sorted(trained) == ["forest", "forest", "roost"]
+    monkeypatch.setattr(screen_module, "_train_screener", real)
+    _run(changed, tmp_path / "fresh")
+    _assert_same(_outputs(tmp_path / "fresh"), _outputs(copy))
+
+    before, after = _outputs(first), _outputs(copy)
+    assert after["summary"]["test_set"]["rows"] == before["summary"]["test_set"]["rows"] - 1
+    kept = after["metrics"]["experiment"] != "Exp3"  # groups whose rows did not change
+    assert (after["metrics"].loc[kept, "r2_test"] != before["metrics"].loc[kept, "r2_test"]).all()
+    pd.testing.assert_series_equal(
+        after["metrics"].loc[kept, "recovery"], before["metrics"].loc[kept, "recovery"]
+    )
+
+
 def test_outputs_load_into_the_catalog(first, tmp_path):
     from agd.tracking.catalog import CatalogReader, load_table
 
