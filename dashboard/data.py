@@ -480,7 +480,7 @@ def system_spread(db: Path, experiments: Sequence[str], threshold: float) -> pd.
     """Per campaign, mean over its repeats: the formulas it registered after the initial samples, the
     chemical systems (element sets) they span, those above ``threshold`` eV and their systems, and the most
     finds in one system (mean and largest). What ``experiments.campaign.max_per_system`` acts on."""
-    from agd.chem.systems import chemical_system  # pymatgen's parser: only when the tab is open
+    from agd.chem.systems import system_spread  # pymatgen's parser: only when the tab is open
 
     condition, params = _in("experiment", experiments)
     finds = _query(
@@ -489,26 +489,17 @@ def system_spread(db: Path, experiments: Sequence[str], threshold: float) -> pd.
         f"WHERE {condition} AND round > 0 AND fate = 'registered'",
         params,
     )
-    # each formula parsed once; a formula without a system counts as a find but in no system
-    finds["system"] = [chemical_system(f) or None for f in finds["formula"]]
-    rows = []
-    for (experiment, campaign, repeat), group in finds.groupby(
-        ["experiment", "campaign", "repeat"], sort=True
-    ):
-        per_system = group["system"].value_counts()
-        high = group[group["label"] > threshold]
-        rows.append(
-            {
-                "experiment": experiment,
-                "campaign": campaign,
-                "repeat": repeat,
-                "finds": len(group),
-                "systems": len(per_system),
-                "high_gap": len(high),
-                "high_gap_systems": high["system"].nunique(),
-                "most_in_one_system": int(per_system.max()) if len(per_system) else 0,
-            }
+    rows = [
+        {
+            "experiment": experiment,
+            "campaign": campaign,
+            "repeat": repeat,
+            **system_spread(group["formula"], group["label"] > threshold),
+        }
+        for (experiment, campaign, repeat), group in finds.groupby(
+            ["experiment", "campaign", "repeat"], sort=True
         )
+    ]
     columns = ["finds", "systems", "high_gap", "high_gap_systems", "most_in_one_system"]
     if not rows:
         return pd.DataFrame(columns=["experiment", "campaign", "repeats", *columns, "most_max"])

@@ -49,7 +49,7 @@ from agd.active.acquisition import (
     Quota,
     make_optimizer,
 )
-from agd.chem.systems import chemical_system, system_counts
+from agd.chem.systems import chemical_system, system_counts, system_spread
 from agd.chem.validity import ValidityChecker
 from agd.config import CampaignConfig
 from agd.models.autoencoder import TrainedAutoencoder
@@ -620,7 +620,7 @@ def campaign_summary(table: pd.DataFrame, high_gap: float) -> dict[str, float]:
     budget = int(table["budget"].iat[0])
     new_valid = suggested[(suggested["fate"] == REGISTERED) & suggested["valid"].astype(bool)]
     high = new_valid["label"] > high_gap
-    systems = system_counts(new_valid["reduced_formula"])
+    spread = system_spread(new_valid["reduced_formula"], high)
     return {
         "n_initial": float((table["round"] == 0).sum()),
         "n_suggested": float(len(suggested)),
@@ -631,9 +631,9 @@ def campaign_summary(table: pd.DataFrame, high_gap: float) -> dict[str, float]:
         "n_new_valid": float(len(new_valid)),
         "n_high_gap": float(high.sum()),
         # how far the finds spread over chemistries (element sets): what max_per_system acts on
-        "n_systems": float(len(systems)),
-        "n_high_gap_systems": float(len(system_counts(new_valid.loc[high, "reduced_formula"]))),
-        "most_in_one_system": float(max(systems.values(), default=0)),
+        "n_systems": float(spread["systems"]),
+        "n_high_gap_systems": float(spread["high_gap_systems"]),
+        "most_in_one_system": float(spread["most_in_one_system"]),
         "best_label": float(np.nanmax(table["label"])),
         "best_new_label": float(new_valid["label"].max()) if len(new_valid) else math.nan,
         "seconds": float(suggested.groupby("round")["round_s"].first().sum()) if len(suggested) else 0.0,

@@ -27,3 +27,23 @@ def system_counts(formulas: Iterable[str | None]) -> Counter[frozenset[str]]:
     counts = Counter(chemical_system(formula) for formula in formulas)
     counts.pop(frozenset(), None)
     return counts
+
+
+def system_spread(formulas: Iterable[str | None], high: Iterable[bool]) -> dict[str, int]:
+    """How a set of finds spreads over chemical systems, each formula parsed once: the finds, their systems,
+    the finds flagged in ``high`` (e.g. above a band gap), their systems, and the most finds in one system.
+    A formula without a system counts as a find but in no system."""
+    per_find = [chemical_system(formula) for formula in formulas]
+    flags = [bool(flag) for flag in high]
+    if len(flags) != len(per_find):
+        raise ValueError(f"{len(per_find)} formulas but {len(flags)} high-gap flags")
+    counts = Counter(system for system in per_find if system)
+    return {
+        "finds": len(per_find),
+        "systems": len(counts),
+        "high_gap": sum(flags),
+        "high_gap_systems": len(
+            {system for system, flag in zip(per_find, flags, strict=True) if system and flag}
+        ),
+        "most_in_one_system": max(counts.values(), default=0),
+    }

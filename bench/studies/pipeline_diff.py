@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from agd.chem.systems import system_counts
+from agd.chem.systems import system_spread
 from bench.studies.screener_threshold import paired_metric_cells
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,19 +77,8 @@ def campaign_stats(folder: Path, high_gap: float) -> pd.DataFrame:
     for path in sorted(folder.glob("*/repeat-*.parquet")):
         table = pd.read_parquet(path, columns=["round", "fate", "reduced_formula", "label"])
         finds = table[(table["round"] > 0) & (table["fate"] == "registered")]
-        systems = system_counts(finds["reduced_formula"])
-        high = finds[finds["label"] > high_gap]
-        rows.append(
-            {
-                "campaign": path.parent.name,
-                "repeat": int(path.stem.split("-")[1]),
-                "finds": len(finds),
-                "high_gap": len(high),
-                "systems": len(systems),
-                "high_gap_systems": len(system_counts(high["reduced_formula"])),
-                "most_in_one_system": max(systems.values(), default=0),
-            }
-        )
+        spread = system_spread(finds["reduced_formula"], finds["label"] > high_gap)
+        rows.append({"campaign": path.parent.name, "repeat": int(path.stem.split("-")[1]), **spread})
     if not rows:
         raise ValueError(f"{folder}: no campaign state tables (<campaign>/repeat-NN.parquet)")
     return pd.DataFrame(rows).set_index(["campaign", "repeat"]).sort_index()
