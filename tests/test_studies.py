@@ -316,3 +316,36 @@ def test_pipeline_diff_counts_each_campaigns_finds_and_their_chemical_systems(tm
     assert "| above 6 eV: variant | pipeline |" in named[3] and named[-1] == line
     with pytest.raises(ValueError, match="no campaign state tables"):
         campaign_stats(tmp_path / "empty", 6.0)
+
+
+def test_screen_rescore_adds_test_compositions_that_no_training_set_holds() -> None:
+    from bench.studies.screen_rescore import changed_training_sets
+
+    training = pd.DataFrame(
+        {
+            "experiment": ["Exp2", "Exp2", "Exp3"],
+            "repeat": [0, 1, 0],
+            "training_set": ["AL", "AL", "BS"],
+            "reduced_formula": ["MgO", "NaCl", "ZnS"],
+            "band_gap": [7.0, 5.0, 3.5],
+            "origin": ["data", "data", "data"],
+        }
+    )
+    prepared = pd.DataFrame(
+        {
+            "reduced_formula": ["ZnS", "CaO", "LiF", "MgO", "AlN"],
+            "band_gap": [3.5, 6.0, 9.0, 7.0, 4.5],
+            "split": ["test", "test", "test", "train", "test"],
+        }
+    )
+    changed, added = changed_training_sets(training, prepared, "Exp2", 1, "AL", 2)
+    assert added == ["AlN", "CaO"]  # key order; ZnS is held by Exp3 BS, MgO is not in the test split
+    new = changed.iloc[len(training) :]
+    assert new[["experiment", "repeat", "training_set"]].drop_duplicates().values.tolist() == [
+        ["Exp2", 1, "AL"]
+    ]
+    assert new["band_gap"].tolist() == [4.5, 6.0] and set(new["origin"]) == {"study"}
+    with pytest.raises(SystemExit, match="only 3 test-split compositions"):
+        changed_training_sets(training, prepared, "Exp2", 1, "AL", 4)
+    with pytest.raises(SystemExit, match="no set Exp4"):
+        changed_training_sets(training, prepared, "Exp4", 0, "AL", 1)
