@@ -480,7 +480,7 @@ def system_spread(db: Path, experiments: Sequence[str], threshold: float) -> pd.
     """Per campaign, mean over its repeats: the formulas it registered after the initial samples, the
     chemical systems (element sets) they span, those above ``threshold`` eV and their systems, and the most
     finds in one system (mean and largest). What ``experiments.campaign.max_per_system`` acts on."""
-    from agd.chem.systems import system_spread  # pymatgen's parser: only when the tab is open
+    from agd.chem.systems import system_spread as spread_of  # pymatgen's parser: only when the tab is open
 
     condition, params = _in("experiment", experiments)
     finds = _query(
@@ -494,7 +494,7 @@ def system_spread(db: Path, experiments: Sequence[str], threshold: float) -> pd.
             "experiment": experiment,
             "campaign": campaign,
             "repeat": repeat,
-            **system_spread(group["formula"], group["label"] > threshold),
+            **spread_of(group["formula"], group["label"] > threshold),
         }
         for (experiment, campaign, repeat), group in finds.groupby(
             ["experiment", "campaign", "repeat"], sort=True
