@@ -204,7 +204,11 @@ def test_pool(prepared: str | os.PathLike | pd.DataFrame, training_keys: set[str
 
 def external_test_set(prepared: str | os.PathLike | pd.DataFrame, training_keys: set[str]) -> pd.DataFrame:
     """The prepared 'test' split without any composition present in a training set (key, formula, gap)."""
-    pool = test_pool(prepared, training_keys)
+    return _scored_rows(test_pool(prepared, training_keys))
+
+
+def _scored_rows(pool: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a test pool that models are scored on; ``attrs['removed_overlap']`` counts the others."""
     test = pool.loc[pool["in_test"], ["reduced_formula", "band_gap", "key"]].reset_index(drop=True)
     test.attrs["removed_overlap"] = int((~pool["in_test"]).sum())
     return test
@@ -1015,8 +1019,7 @@ def run_screening_stage(
         )
     rejected.to_csv(out / "rejected_rows.csv", index=False)
     pool = test_pool(prepared, set(training["key"]))
-    test = pool.loc[pool["in_test"]].reset_index(drop=True)
-    test.attrs["removed_overlap"] = int((~pool["in_test"]).sum())
+    test = _scored_rows(pool)
     if test.empty:
         raise ScreeningError(
             "the external test set is empty: every prepared 'test' composition is in a training set"
