@@ -349,12 +349,16 @@ def _run_campaigns(args: argparse.Namespace, write: bool, only, repeats) -> dict
     _require(prepared, "prepared dataset", "agd data prepare")
     _require(autoencoder, "trained autoencoder", "agd train autoencoder")
     _require(oracle, "trained oracle", "agd train oracle")
+    if params.experiments.campaign.search == "candidates":
+        _require(
+            Path(args.candidates), "candidate table (experiments.campaign.search: candidates)", "agd generate"
+        )
     executor = _executor(args)
     try:
         return run_experiments(
             prepared, autoencoder, oracle, Path(args.out), params,
             track=not args.no_mlflow, only=only, repeats=repeats, write=write,
-            restart_changed=args.restart_changed, executor=executor,
+            restart_changed=args.restart_changed, executor=executor, candidates=args.candidates,
         )  # fmt: skip
     except (CampaignStateError, ValueError) as exc:
         raise UserError(str(exc)) from None
@@ -885,6 +889,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--out", default="data/experiments", help="experiments folder (state tables and outputs)"
         )
+        p.add_argument(
+            "--candidates",
+            default="data/generated/candidates.parquet",
+            help="candidate table searched when experiments.campaign.search is 'candidates' (else unused)",
+        )
         p.add_argument("--jobs", type=int, default=None, help="campaigns at once (override experiments.jobs)")
         _add_executor_args(p, "the campaigns")
         p.add_argument("--no-mlflow", action="store_true", help="do not log MLflow runs")
@@ -898,7 +907,8 @@ def build_parser() -> argparse.ArgumentParser:
         "campaign",
         help="run one active-learning campaign of the experiments (params: experiments)",
         description="Run (or resume) one campaign defined by the experiments section, e.g. Exp2-bo, Exp3-random or "
-        "kappa-5: Bayesian optimisation in the autoencoder's latent box, 20 suggestions a round, decode, check "
+        "kappa-5: Bayesian optimisation in the autoencoder's latent box (or, with experiments.campaign.search: "
+        "candidates, over the generated candidates encoded into it), 20 suggestions a round, decode, check "
         "chemistry, label with the oracle, register. The state table is saved after every round; a killed run "
         "continues at the next round.",
     )

@@ -488,7 +488,20 @@ class CampaignConfig(_Section):
         "(false: finds are counted at the start of each round, and one round may put several picks into a "
         "system that was open; needs the `new` accept rule)",
     )
+    search: Literal["latent", "candidates"] = Field(
+        "latent",
+        description="what the optimiser searches: the autoencoder's latent box, decoding each suggestion (latent, "
+        "the paper), or the generator's valid candidates encoded into the same space (candidates: every suggestion "
+        "is a candidate; the random control draws random candidates; needs the candidate table and the batch "
+        "method, and polishing is off)",
+    )
     acquisition: AcquisitionConfig = AcquisitionConfig()
+
+    @model_validator(mode="after")
+    def _candidates_need_the_batch_method(self) -> CampaignConfig:
+        if self.search == "candidates" and self.acquisition.method != "batch":
+            raise ValueError("search: candidates needs acquisition.method: batch")
+        return self
 
     @model_validator(mode="after")
     def _cap_needs_rules(self) -> CampaignConfig:

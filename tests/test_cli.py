@@ -43,6 +43,19 @@ def test_campaign_commands_name_the_missing_input_and_the_unknown_campaign(tmp_p
     assert "prepared dataset" in capsys.readouterr().err
 
 
+def test_a_candidate_search_names_the_missing_candidate_table(campaign_models, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("experiments:\n  campaign:\n    search: candidates\n")
+    inputs = ["--prepared", str(campaign_models.prepared), "--autoencoder", str(campaign_models.autoencoder)]
+    inputs += ["--oracle", str(campaign_models.oracle), "--candidates", str(tmp_path / "none.parquet")]
+    assert (
+        main(["--params", str(params), "experiments", *inputs, "--out", str(tmp_path / "e"), "--no-mlflow"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "none.parquet: no candidate table" in err and "agd generate" in err and "Traceback" not in err
+
+
 def test_catalog_load_needs_table_equals_path(tmp_path, capsys):
     import pandas as pd
 

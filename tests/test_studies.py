@@ -235,6 +235,28 @@ def test_campaign_variant_is_paired_with_the_pipelines_screeners_by_repeat() -> 
     assert "max_per_system=2" in lines[1] and not any(line.startswith("| random |") for line in lines)
 
 
+def test_campaign_variant_falls_back_to_the_committed_table1_unpaired() -> None:
+    from bench.studies.campaign_variant import table1_lines
+
+    rows = pd.DataFrame(
+        {
+            "training_set": ["AL"] * 4 + ["random"] * 2,
+            "repeat": [0, 0, 1, 1, 0, 1],
+            "threshold": [5.5, 6.0] * 3,
+            "recovery": [0.9, 0.80, 0.9, 0.60, 0.3, 0.2],
+            "precision": [0.1, 0.50, 0.1, 0.70, 0.3, 0.2],
+        }
+    )
+    gt6 = {"n_repeats": 10, "recovery_mean": 0.568, "recovery_std": 0.081, "precision_mean": 0.448}
+    table1 = {"table1": {"Exp2": {"AL": {"roost": {"gt6": gt6 | {"precision_std": 0.115}}}}}}
+    lines = table1_lines(rows, table1, "Exp2", ["AL", "random"], ["search=candidates"])
+    (line,) = [line for line in lines if line.startswith("| AL |")]
+    # the variant at 6 eV: recovery 80, 60; precision 50, 70; the file's means and stds beside them
+    assert line == "| AL | 2 | 70.0 ± 14.1 | 56.8 ± 8.1 | 60.0 ± 14.1 | 44.8 ± 11.5 | 10 |"
+    assert not any(line.startswith("| random |") for line in lines)  # no Table 1 row for it here
+    assert "search=candidates" in lines[1] and "not paired" in lines[1]
+
+
 def _metrics_rows(recovery: list[float], precision: list[float], training_set: str) -> pd.DataFrame:
     n = len(recovery)
     return pd.DataFrame(

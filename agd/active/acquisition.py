@@ -204,13 +204,42 @@ def make_optimizer(
     config: AcquisitionConfig | None = None,
     x: ArrayLike | None = None,
     y: ArrayLike | None = None,
+    source: CandidateSource | None = None,
 ) -> LatentOptimizer:
-    """The optimiser ``config.method`` names, with ``(x, y)`` registered when given."""
+    """The optimiser ``config.method`` names, with ``(x, y)`` registered when given.
+
+    ``source`` replaces the batch optimiser's pool (see :class:`CandidateSource`); the stock path has none.
+    """
     config = config or AcquisitionConfig()
-    cls = BatchOptimizer if config.method == "batch" else StockOptimizer
+    if config.method != "batch":
+        if source is not None:
+            raise ValueError(
+                "a candidate source needs acquisition.method 'batch' (the stock path searches the box)"
+            )
+        return (
+            StockOptimizer(bounds, config) if x is None else StockOptimizer.from_points(bounds, x, y, config)
+        )
     if x is None:
-        return cls(bounds, config)
-    return cls.from_points(bounds, x, y, config)
+        return BatchOptimizer(bounds, config, source=source)
+    return BatchOptimizer.from_points(bounds, x, y, config, source=source)
+
+
+class CandidateSource(Protocol):
+    """Where a batch optimiser's pool comes from instead of the box: a finite set of points, for example.
+
+    ``candidates`` returns the pool's points (m, d) for a round; ``local`` is False before anything is
+    registered. Every random choice must come from ``rng``, so that a resumed campaign gets the same pool.
+    The points are not polished (that would leave the set).
+    """
+
+    def candidates(
+        self,
+        config: AcquisitionConfig,
+        registered_x: np.ndarray,
+        registered_y: np.ndarray,
+        rng: np.random.Generator,
+        local: bool,
+    ) -> np.ndarray: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,9 +732,11 @@ class BatchOptimizer:
         config: AcquisitionConfig | None = None,
         *,
         acquisition: AcquisitionFunction | None = None,
+        source: CandidateSource | None = None,
     ):
         self.bounds = _as_bounds(bounds)
         self.config = config or AcquisitionConfig()
+        self.source = source
         self.acquisition = acquisition if acquisition is not None else make_acquisition(self.config)
         if isinstance(self.acquisition, GPHedge | ConstantLiar):
             raise TypeError("BatchOptimizer builds batches itself: give it a base acquisition (UCB, EI, PI)")
@@ -724,6 +755,7 @@ class BatchOptimizer:
         config: AcquisitionConfig | None = None,
         *,
         acquisition: AcquisitionFunction | None = None,
+        source: CandidateSource | None = None,
     ) -> BatchOptimizer:
         """An optimiser with (x, y) registered: how a resumed campaign rebuilds it from its table.
 
@@ -731,7 +763,7 @@ class BatchOptimizer:
         acquisition with an exploration decay carries state of its own: pass it restored with
         ``set_acquisition_params``.)
         """
-        optimizer = cls(bounds, config, acquisition=acquisition)
+        optimizer = cls(bounds, config, acquisition=acquisition, source=source)
         optimizer.register(x, y)
         return optimizer
 
@@ -784,7 +816,10 @@ class BatchOptimizer:
         return float(y[inside].max() if inside.any() else y.max())
 
     def _candidates(self, gp: MaternGP | None, rng: np.random.Generator) -> np.ndarray:
-        """A pool: uniform points in the box, and points around the best registered ones."""
+        """A pool: uniform points in the box, and points around the best registered ones (or the source's)."""
+        if self.source is not None:
+            local = gp is not None
+            return self.source.candidates(self.config, self.registered_x, self.registered_y, rng, local)
         cfg, (lo, hi) = self.config, self.bounds.T
         uniform = rng.uniform(lo, hi, size=(cfg.n_random, len(lo)))
         if gp is None or cfg.n_local == 0:
@@ -886,7 +921,7 @@ class BatchOptimizer:
             same_point = _SAME_POINT * float(np.linalg.norm(self.bounds[:, 1] - self.bounds[:, 0]))
             pool = _CandidatePool(gp, max(n, cfg.n_refine), checked=accept is None, same_point=same_point)
             pool.add(self._candidates(gp, rng))
-            if cfg.n_refine:
+            if cfg.n_refine and self.source is None:  # a polished point would leave the source's set
                 pool.add(self._polished(pool, y_best, rng))
             acq_values = self._select(pool, n, y_best, gate, rng, final=True)
             picks = np.asarray(pool.picks)
@@ -918,7 +953,10 @@ class BatchOptimizer:
         found: list[np.ndarray] = []
         drawn = 0
         for _ in range(1 + self.config.max_extra_pools):
-            x = self._uniform(max(n, self.config.n_random), rng)
+            if self.source is None:
+                x = self._uniform(max(n, self.config.n_random), rng)
+            else:
+                x = self._candidates(None, rng)
             for start in range(0, len(x), gate.chunk):
                 chunk = x[start : start + gate.chunk]
                 drawn += len(chunk)

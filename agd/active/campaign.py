@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from agd.active.acquisition import (
     AcceptFn,
     BatchClaims,
+    CandidateSource,
     LatentOptimizer,
     NoAcceptableCandidateError,
     Quota,
@@ -105,7 +106,7 @@ class CampaignStateError(RuntimeError):
 
 
 #: campaign settings added after state tables were first written, and the value that turns each off
-LATE_SETTINGS = {"max_per_system": None, "cap_within_round": False}
+LATE_SETTINGS = {"max_per_system": None, "cap_within_round": False, "search": "latent"}
 
 
 def late_settings_off(cfg: CampaignConfig) -> set[str]:
@@ -127,8 +128,8 @@ class CampaignSpec:
     kappa: float
     seed: int
 
-    def fingerprint(self, cfg: CampaignConfig, initial: pd.DataFrame) -> str:
-        """Hash of everything that decides the table: spec, settings and initial samples."""
+    def fingerprint(self, cfg: CampaignConfig, initial: pd.DataFrame, library: str | None = None) -> str:
+        """Hash of everything that decides the table: spec, settings, initial samples (and candidate library)."""
         payload = {
             "spec": asdict(self),
             "config": cfg.model_dump(mode="json", exclude=late_settings_off(cfg)),
@@ -136,6 +137,8 @@ class CampaignSpec:
             .to_numpy()
             .tolist(),
         }
+        if library is not None:
+            payload["library"] = library
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -163,6 +166,13 @@ class LatentChemistry:
         self.checker = checker
         self.max_elements = max_elements
         self.max_atoms = max_atoms
+
+    #: the candidate library searched instead of the latent box (``agd.active.library``); None here
+    library = None
+
+    def source(self) -> CandidateSource | None:
+        """The optimiser's pool when it is not the latent box (a library chemistry's members)."""
+        return None
 
     def assess(self, latents: np.ndarray) -> pd.DataFrame:
         """One row per latent: formula (None if undecodable), reduced_formula, decodable, valid, reason."""
@@ -264,7 +274,13 @@ class Campaign:
         self.initial = initial.reset_index(drop=True)
         self.state_path = Path(state_path)
         self.restart_changed = restart_changed
-        self.fingerprint = spec.fingerprint(self.cfg, self.initial)
+        library = chemistry.library
+        if (library is not None) != (cfg.search == "candidates"):
+            raise ValueError(
+                "search: candidates needs the candidate library (agd experiments --candidates FILE), and a "
+                "library needs search: candidates"
+            )
+        self.fingerprint = spec.fingerprint(self.cfg, self.initial, library.digest if library else None)
         self.bounds = chemistry.autoencoder.bounds.as_array()
 
     # -- state -------------------------------------------------------------------------------------
@@ -368,12 +384,15 @@ class Campaign:
             self.chemistry.autoencoder.bounds.as_array(),
             np.stack(table.loc[table["fate"] == INITIAL, "latent"].to_numpy()),
         )
+        if self.chemistry.library is not None:  # members can lie outside the training latents' box
+            self.bounds = covering_box(self.bounds, self.chemistry.library.box().T)
         registered = table[np.isfinite(table["registered_value"].to_numpy(dtype=float))]
         optimizer = make_optimizer(
             self.bounds,
             self.cfg.acquisition,
             np.stack(registered["latent"].to_numpy()),
             registered["registered_value"].to_numpy(dtype=float),
+            source=self.chemistry.source(),
         )
         known = set(table.loc[table["fate"].isin([INITIAL, REGISTERED]), "reduced_formula"].dropna())
         used = int((table["round"] > 0).sum())
@@ -454,14 +473,19 @@ class Campaign:
         """The control: random latents (seeded by round), kept only if ``accept`` passes them.
 
         ``local``: a uniformly chosen registered latent plus Gaussian noise of ``random_scale`` times the
-        box's span; ``box``: uniform in the box.
+        box's span; ``box``: uniform in the box. A campaign that searches a candidate library draws
+        random members instead, whatever the sampler.
         """
         rng = np.random.default_rng([self.spec.seed, round_])
         lo, hi = self.bounds.T
         registered = table[np.isfinite(table["registered_value"].to_numpy(dtype=float))]
         centres = np.stack(registered["latent"].to_numpy())
 
+        library = self.chemistry.library
+
         def draw(m: int) -> np.ndarray:
+            if library is not None:
+                return library.latents[library.random(rng, m)].astype(np.float64)
             if self.cfg.random_sampler == "box":
                 return rng.uniform(lo, hi, size=(m, len(lo)))
             x = centres[rng.integers(0, len(centres), m)] + rng.standard_normal((m, len(lo))) * (

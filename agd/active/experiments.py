@@ -41,6 +41,7 @@ from agd.active.campaign import (
     late_settings_off,
     round_metrics,
 )
+from agd.active.library import file_md5
 from agd.config import ExperimentsConfig, ExperimentSpec, Params
 from agd.executors import Executor, is_local, spawn_pool
 
@@ -130,29 +131,41 @@ def draw_initial(prepared: pd.DataFrame, setup: ExperimentSpec, seed: int) -> pd
     return pool.iloc[np.sort(rows)][["reduced_formula", "band_gap"]].reset_index(drop=True)
 
 
-def _file_md5(path: Path) -> str:
-    digest = hashlib.md5()  # the hash DVC records for a file, so the tag matches dvc.lock
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class _Models:
     chemistry: LatentChemistry
     oracle: object
 
 
-def _load_models(autoencoder_dir: Path, oracle_dir: Path, params: Params) -> _Models:
+def _load_models(
+    autoencoder_dir: Path,
+    oracle_dir: Path,
+    params: Params,
+    candidates: Path | None = None,
+    library_cache: Path | None = None,
+    progress: bool = False,
+) -> _Models:
+    """The chemistry (a library chemistry with ``search: candidates``) and the oracle of the campaigns."""
     from agd.chem.validity import ValidityChecker
     from agd.models.autoencoder import load_autoencoder
     from agd.models.oracle import load_oracle
 
     cfg = params.experiments.campaign
-    chemistry = LatentChemistry(
-        load_autoencoder(autoencoder_dir), ValidityChecker(params.validity), cfg.max_elements, cfg.max_atoms
-    )
+    autoencoder, checker = load_autoencoder(autoencoder_dir), ValidityChecker(params.validity)
+    if cfg.search == "candidates":
+        from agd.active.library import LibraryChemistry, load_library
+
+        if candidates is None:
+            raise ValueError(
+                "experiments.campaign.search is 'candidates': give the candidate table "
+                "(agd experiments --candidates data/generated/candidates.parquet)"
+            )
+        library = load_library(candidates, autoencoder, cache_dir=library_cache, progress=progress)
+        chemistry: LatentChemistry = LibraryChemistry(
+            autoencoder, checker, library, cfg.max_elements, cfg.max_atoms
+        )
+    else:
+        chemistry = LatentChemistry(autoencoder, checker, cfg.max_elements, cfg.max_atoms)
     return _Models(chemistry, load_oracle(oracle_dir))
 
 
@@ -160,13 +173,25 @@ def _load_models(autoencoder_dir: Path, oracle_dir: Path, params: Params) -> _Mo
 _WORKER: dict[str, object] = {}
 
 
-def _worker_init(autoencoder_dir: str, oracle_dir: str, params: dict) -> None:
+def _worker_init(
+    autoencoder_dir: str,
+    oracle_dir: str,
+    params: dict,
+    candidates: str | None = None,
+    library_cache: str | None = None,
+) -> None:
     import torch
 
     torch.set_num_threads(1)
     from agd.config import params_from_dict
 
-    _WORKER["models"] = _load_models(Path(autoencoder_dir), Path(oracle_dir), params_from_dict(params))
+    _WORKER["models"] = _load_models(
+        Path(autoencoder_dir),
+        Path(oracle_dir),
+        params_from_dict(params),
+        Path(candidates) if candidates else None,
+        Path(library_cache) if library_cache else None,
+    )
     _WORKER["params"] = params_from_dict(params)
 
 
@@ -272,13 +297,16 @@ def run_experiments(
     restart_changed: bool = False,
     progress: bool = True,
     executor: Executor | None = None,
+    candidates: str | os.PathLike | None = None,
 ) -> dict:
     """Run (or resume) the planned campaigns; with ``write``, also samples, training sets, summary and plots.
 
     Without ``write`` (one campaign from ``agd campaign``) only the state tables are written and the
     per-campaign summary is returned. ``executor``: None or local runs ``experiments.jobs`` campaigns
     at once in processes; a Ray executor runs each campaign (setup x repeat, kappa values included)
-    as one Ray task instead, with the same seeds, so the state tables are the same.
+    as one Ray task instead, with the same seeds, so the state tables are the same. ``candidates``:
+    the candidate table that ``search: candidates`` searches (ignored with ``search: latent``); its
+    encoded library is cached in ``out/library``.
     """
     cfg = params.experiments
     out = Path(out_dir)
@@ -290,8 +318,21 @@ def run_experiments(
         key = (p.setup.name, p.spec.repeat)
         if key not in initials:
             initials[key] = draw_initial(prepared, p.setup, p.spec.seed)
-    models = _load_models(Path(autoencoder_dir), Path(oracle_dir), params)
-    tags = {"dataset_version": _file_md5(prepared_path), "model": getattr(models.oracle, "name", "oracle")}
+    if cfg.campaign.search != "candidates":
+        candidates = None
+    cache = out / "library"
+    models = _load_models(
+        Path(autoencoder_dir),
+        Path(oracle_dir),
+        params,
+        Path(candidates) if candidates is not None else None,
+        cache,
+        progress,
+    )
+    library_args = (str(Path(candidates).resolve()), str(cache.resolve())) if candidates is not None else ()
+    tags = {"dataset_version": file_md5(prepared_path), "model": getattr(models.oracle, "name", "oracle")}
+    if models.chemistry.library is not None:  # which candidates, encoded by which autoencoder
+        tags["candidate_library"] = models.chemistry.library.digest
     tracking = _Tracking(params, cfg, tags) if track else None
 
     campaigns = [
@@ -316,7 +357,13 @@ def run_experiments(
 
     if not is_local(executor):
         _run_on(
-            executor, planned, campaigns, initials, (autoencoder_dir, oracle_dir, params), finished, progress
+            executor,
+            planned,
+            campaigns,
+            initials,
+            (autoencoder_dir, oracle_dir, params, library_args),
+            finished,
+            progress,
         )
     elif cfg.jobs == 1:
         bar = _bar(len(campaigns), progress)
@@ -330,7 +377,7 @@ def run_experiments(
     else:
         for campaign in campaigns:
             campaign.load_state()  # a table from other settings is an error before any work starts
-        init_args = (str(autoencoder_dir), str(oracle_dir), params.model_dump(mode="json"))
+        init_args = (str(autoencoder_dir), str(oracle_dir), params.model_dump(mode="json"), *library_args)
         with spawn_pool(cfg.jobs, initializer=_worker_init, initargs=init_args) as pool:
             futures = {
                 pool.submit(_worker_run, p, initials[(p.setup.name, p.spec.repeat)], str(c.state_path)): c
@@ -364,7 +411,7 @@ def _run_on(
     planned: Sequence[PlannedCampaign],
     campaigns: Sequence[Campaign],
     initials: dict[tuple[str, int], pd.DataFrame],
-    models: tuple[str | os.PathLike, str | os.PathLike, Params],
+    models: tuple[str | os.PathLike, str | os.PathLike, Params, tuple[str, ...]],
     finished: Callable[[Campaign, pd.DataFrame], None],
     progress: bool,
 ) -> None:
@@ -374,7 +421,7 @@ def _run_on(
     run resumes at the next round, as locally) and return the finished file, which the driver writes
     where it differs, so the driver's folder ends up complete even when the workers do not share it.
     """
-    autoencoder_dir, oracle_dir, params = models
+    autoencoder_dir, oracle_dir, params, library_args = models
     for campaign in campaigns:
         campaign.load_state()  # a table from other settings is an error before any work starts
     # absolute paths: a Ray worker's working directory is not the driver's
@@ -382,6 +429,7 @@ def _run_on(
         str(Path(autoencoder_dir).resolve()),
         str(Path(oracle_dir).resolve()),
         params.model_dump(mode="json"),
+        *library_args,
     )
     jobs = []
     for p, c in zip(planned, campaigns, strict=True):

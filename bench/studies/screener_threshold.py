@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(formulas) != len(oracle_gaps):
         raise SystemExit("the oracle's cached labels do not match the candidates: rerun the screen stage")
     truth = oracle_gaps > args.window_low
+    candidate_keys = pd.Index(formulas)
     print(
         f"{len(formulas):,} candidates, {int(truth.sum())} oracle hits (> {args.window_low:g} eV)", flush=True
     )
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             prepared = S._prepare_group(group, chosen, test, "study", cfg, progress=False)
             predicted = prepared.screener.predict_formulas(formulas)
             seconds = time.perf_counter() - start
+            # oracle hits the training set itself holds (a campaign that searched the candidates labelled them)
+            unseen = truth & ~candidate_keys.isin(chosen["key"])
             new = []
             for threshold in args.thresholds:
                 hit = predicted > threshold
@@ -149,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                         "recovery": found / truth.sum(),
                         "precision": found / hit.sum() if hit.any() else np.nan,
                         "r2_test": prepared.info["r2_test"],
+                        "truth_in_set": int(truth.sum() - unseen.sum()),
+                        "recovery_unseen": int((hit & unseen).sum()) / unseen.sum()
+                        if unseen.any()
+                        else np.nan,
                         "settings": settings,
                     }
                 )
@@ -163,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     frame = pd.DataFrame(rows)
+    for column in ("truth_in_set", "recovery_unseen"):  # absent from rows files of older studies
+        if column not in frame:
+            frame[column] = np.nan
     summary = frame.groupby(["training_set", "threshold"]).agg(
         repeats=("repeat", "nunique"),
         hits=("n_hits", "mean"),
@@ -171,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         precision=("precision", "mean"),
         precision_std=("precision", "std"),
         r2_test=("r2_test", "mean"),
+        truth_in_set=("truth_in_set", "mean"),
+        recovery_unseen=("recovery_unseen", "mean"),
+        recovery_unseen_std=("recovery_unseen", "std"),
     )
     lines = [
         f"# Screener decision threshold: {args.experiment}, Roost screeners, oracle window > {args.window_low:g} eV",
@@ -182,15 +195,19 @@ def main(argv: list[str] | None = None) -> int:
         + (f", with {', '.join(args.roost)}" if args.roost else "")
         + ("; it screens with a refit on all rows of its set" if cfg.refit_all else "")
         + "; R² test is on the stage's external test set.",
+        "Oracle hits in the set: how many of the oracle's hits the training set itself holds (a campaign that "
+        "searches the candidates labels some); recovery of the others: the recovery of the hits it does not hold.",
         "",
-        "| training set | threshold (eV) | repeats | hits | recovery (%) | precision (%) | R² test |",
-        "|---|---|---|---|---|---|---|",
+        "| training set | threshold (eV) | repeats | hits | recovery (%) | precision (%) | R² test | "
+        "oracle hits in the set | recovery of the others (%) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (training_set, threshold), r in summary.iterrows():
         lines.append(
             f"| {training_set} | {threshold:g} | {int(r.repeats)} | {r.hits:,.0f} | "
             f"{_pm(100 * r.recovery, 100 * r.recovery_std)} | {_pm(100 * r.precision, 100 * r.precision_std)} | "
-            f"{r.r2_test:.3f} |"
+            f"{r.r2_test:.3f} | {_count(r.truth_in_set)} | "
+            f"{_pm(100 * r.recovery_unseen, 100 * r.recovery_unseen_std)} |"
         )
     lines += _paired_lines(frame, "AL", "random")
     report = "\n".join(lines) + "\n"
@@ -199,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report)
     return 0
+
+
+def _count(value: float) -> str:
+    """A mean count to one decimal; a dash where the rows lack it."""
+    return "—" if pd.isna(value) else f"{value:,.1f}"
 
 
 def _pm(mean: float, std: float, sign: str = "") -> str:

@@ -422,19 +422,23 @@ def test_a_cap_within_round_counts_the_rounds_own_picks(parts, tmp_path):
 
 def test_a_late_setting_left_off_keeps_the_mlflow_key_of_earlier_runs():
     cfg = ExperimentsConfig.model_validate({"campaign": {"max_per_system": 2}})
-    # the settings as an agd without cap_within_round wrote them
-    older = cfg.model_dump_json().replace(',"cap_within_round":false', "")
-    assert older != cfg.model_dump_json()
+    # the settings as an agd without cap_within_round and search wrote them
+    older = cfg.model_dump_json().replace(',"cap_within_round":false', "").replace(',"search":"latent"', "")
+    assert older != cfg.model_dump_json() and '"search"' not in older
     assert settings_key(cfg) == hashlib.sha256(older.encode()).hexdigest()[:12]
-    strict = cfg.model_copy(update={"campaign": cfg.campaign.model_copy(update={"cap_within_round": True})})
-    assert settings_key(strict) != settings_key(cfg)
+    for late in ({"cap_within_round": True}, {"search": "candidates"}):
+        turned_on = cfg.model_copy(update={"campaign": cfg.campaign.model_copy(update=late)})
+        assert settings_key(turned_on) != settings_key(cfg)
     # max_per_system was part of the key from the start, null included
     uncapped = ExperimentsConfig()
     assert '"max_per_system":null' in uncapped.model_dump_json()
     assert (
         settings_key(uncapped)
         == hashlib.sha256(
-            uncapped.model_dump_json().replace(',"cap_within_round":false', "").encode()
+            uncapped.model_dump_json()
+            .replace(',"cap_within_round":false', "")
+            .replace(',"search":"latent"', "")
+            .encode()
         ).hexdigest()[:12]
     )
 
