@@ -392,8 +392,17 @@ class AcquisitionConfig(_Section):
     method: Literal["batch", "stock"] = Field(
         "batch", description="batch: BatchOptimizer; stock: BayesianOptimization.suggest() per point"
     )
-    function: Literal["ucb", "ei"] = "ucb"
-    kappa: float = Field(2.576, ge=0, description="UCB exploration weight (bayes_opt's default)")
+    function: Literal["ucb", "ei", "straddle"] = Field(
+        "ucb",
+        description="ucb, ei: bayes_opt's upper confidence bound and expected improvement (seek the largest "
+        "gaps); straddle: kappa * std - |mean - level| (seeks the boundary at `level`; batch method only)",
+    )
+    kappa: float = Field(
+        2.576, ge=0, description="UCB (and straddle) exploration weight (bayes_opt's default)"
+    )
+    level: float = Field(
+        6.0, description="eV; the straddle's level: the screening threshold whose boundary it seeks"
+    )
     xi: float = Field(0.01, ge=0, description="EI improvement margin")
     seed: int = Field(0, ge=0)
     n_random: int = Field(1024, ge=0, description="uniform candidates in the box per pool")

@@ -192,10 +192,36 @@ class LatentOptimizer(Protocol):
     def suggest(self, n: int, accept: AcceptFn | None = None, quota: Quota | None = None) -> Suggestions: ...
 
 
+class Straddle(AcquisitionFunction):
+    """The straddle heuristic for a level set (Bryan et al., 2005): ``kappa * std - |mean - level|``.
+
+    It seeks points whose value is uncertain and near ``level`` (a screening threshold) rather than the
+    largest values: the labels a screener needs to place its boundary where the oracle's is. It follows
+    the package's interface (``base_acq`` on the GP's mean and std), so the batch optimiser, its
+    believer updates and its polish use it as they use UCB.
+    """
+
+    def __init__(self, level: float, kappa: float = 1.96) -> None:
+        super().__init__()
+        self.level = float(level)
+        self.kappa = float(kappa)
+
+    def base_acq(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        return self.kappa * np.asarray(std) - np.abs(np.asarray(mean) - self.level)
+
+    def get_acquisition_params(self) -> dict[str, float]:
+        return {"level": self.level, "kappa": self.kappa}
+
+    def set_acquisition_params(self, params: dict[str, float]) -> None:
+        self.level, self.kappa = float(params["level"]), float(params["kappa"])
+
+
 def make_acquisition(config: AcquisitionConfig) -> AcquisitionFunction:
-    """The bayes_opt acquisition function the configuration names."""
+    """The acquisition function the configuration names (bayes_opt's UCB and EI, or :class:`Straddle`)."""
     if config.function == "ucb":
         return UpperConfidenceBound(kappa=config.kappa)
+    if config.function == "straddle":
+        return Straddle(config.level, config.kappa)
     return ExpectedImprovement(xi=config.xi)
 
 
@@ -212,6 +238,8 @@ def make_optimizer(
     """
     config = config or AcquisitionConfig()
     if config.method != "batch":
+        if config.function == "straddle":
+            raise ValueError("the straddle acquisition needs acquisition.method 'batch'")
         if source is not None:
             raise ValueError(
                 "a candidate source needs acquisition.method 'batch' (the stock path searches the box)"
@@ -228,7 +256,8 @@ class CandidateSource(Protocol):
     """Where a batch optimiser's pool comes from instead of the box: a finite set of points, for example.
 
     ``candidates`` returns the pool's points (m, d) for a round; ``local`` is False before anything is
-    registered. Every random choice must come from ``rng``, so that a resumed campaign gets the same pool.
+    registered. ``registered_y`` ranks the registered points as centres (larger is better: the values, or
+    for the straddle the closeness to its level). Every random choice must come from ``rng``, so that a resumed campaign gets the same pool.
     The points are not polished (that would leave the set).
     """
 
@@ -805,6 +834,13 @@ class BatchOptimizer:
         self._y[self._n : need] = y
         self._n = need
 
+    def centre_values(self) -> np.ndarray:
+        """How good each registered point is as a centre of local candidates: its value, or for the
+        straddle its closeness to the level (the boundary is where its candidates should be)."""
+        if isinstance(self.acquisition, Straddle):
+            return -np.abs(self.registered_y - self.acquisition.level)
+        return np.asarray(self.registered_y)
+
     def fit_gp(self) -> MaternGP:
         """This round's GP on everything registered."""
         return fit_matern_gp(self.registered_x, self.registered_y)
@@ -819,12 +855,12 @@ class BatchOptimizer:
         """A pool: uniform points in the box, and points around the best registered ones (or the source's)."""
         if self.source is not None:
             local = gp is not None
-            return self.source.candidates(self.config, self.registered_x, self.registered_y, rng, local)
+            return self.source.candidates(self.config, self.registered_x, self.centre_values(), rng, local)
         cfg, (lo, hi) = self.config, self.bounds.T
         uniform = rng.uniform(lo, hi, size=(cfg.n_random, len(lo)))
         if gp is None or cfg.n_local == 0:
             return uniform
-        best = np.argsort(-self.registered_y, kind="stable")[: cfg.local_centres]
+        best = np.argsort(-self.centre_values(), kind="stable")[: cfg.local_centres]
         centres = self.registered_x[best][rng.integers(0, len(best), cfg.n_local)]
         # directions shaped like the box; radii log-uniform over local_radius length scales (1% to 100% by default)
         direction = rng.standard_normal((cfg.n_local, len(lo))) * (hi - lo)

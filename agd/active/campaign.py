@@ -116,6 +116,15 @@ def late_settings_off(cfg: CampaignConfig) -> set[str]:
     return {name for name, off in LATE_SETTINGS.items() if getattr(cfg, name) == off}
 
 
+def late_exclusions(cfg: CampaignConfig, keep: Collection[str] = ()) -> dict:
+    """``model_dump``'s ``exclude`` for hashing ``cfg``: the late settings left off (but those in ``keep``),
+    and the acquisition's ``level``, added later and read by the straddle only."""
+    exclude: dict = {name: True for name in late_settings_off(cfg) - set(keep)}
+    if cfg.acquisition.function != "straddle":
+        exclude["acquisition"] = {"level"}
+    return exclude
+
+
 @dataclass(frozen=True)
 class CampaignSpec:
     """Who a campaign is: its names, method, budget, exploration weight and seed."""
@@ -132,7 +141,7 @@ class CampaignSpec:
         """Hash of everything that decides the table: spec, settings, initial samples (and candidate library)."""
         payload = {
             "spec": asdict(self),
-            "config": cfg.model_dump(mode="json", exclude=late_settings_off(cfg)),
+            "config": cfg.model_dump(mode="json", exclude=late_exclusions(cfg)),
             "initial": pd.util.hash_pandas_object(initial[["reduced_formula", "band_gap"]], index=False)
             .to_numpy()
             .tolist(),

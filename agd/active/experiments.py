@@ -38,7 +38,7 @@ from agd.active.campaign import (
     CampaignSpec,
     LatentChemistry,
     campaign_summary,
-    late_settings_off,
+    late_exclusions,
     round_metrics,
 )
 from agd.active.library import file_md5
@@ -234,7 +234,7 @@ def settings_key(cfg: ExperimentsConfig) -> str:
     """The key of a campaign's MLflow parent run: a hash of the experiments settings. A campaign setting
     added later leaves it unchanged while off, so a resumed campaign finds its runs (max_per_system, None
     or not, was part of it from the start)."""
-    late = late_settings_off(cfg.campaign) - {"max_per_system"}
+    late = late_exclusions(cfg.campaign, keep={"max_per_system"})
     return hashlib.sha256(cfg.model_dump_json(exclude={"campaign": late}).encode()).hexdigest()[:12]
 
 

@@ -423,10 +423,16 @@ def test_a_cap_within_round_counts_the_rounds_own_picks(parts, tmp_path):
 def test_a_late_setting_left_off_keeps_the_mlflow_key_of_earlier_runs():
     cfg = ExperimentsConfig.model_validate({"campaign": {"max_per_system": 2}})
     # the settings as an agd without cap_within_round and search wrote them
-    older = cfg.model_dump_json().replace(',"cap_within_round":false', "").replace(',"search":"latent"', "")
-    assert older != cfg.model_dump_json() and '"search"' not in older
+    older = (
+        cfg.model_dump_json()
+        .replace(',"cap_within_round":false', "")
+        .replace(',"search":"latent"', "")
+        .replace(',"level":6.0', "")
+    )
+    assert older != cfg.model_dump_json() and '"search"' not in older and '"level"' not in older
     assert settings_key(cfg) == hashlib.sha256(older.encode()).hexdigest()[:12]
-    for late in ({"cap_within_round": True}, {"search": "candidates"}):
+    straddle = cfg.campaign.acquisition.model_copy(update={"function": "straddle"})
+    for late in ({"cap_within_round": True}, {"search": "candidates"}, {"acquisition": straddle}):
         turned_on = cfg.model_copy(update={"campaign": cfg.campaign.model_copy(update=late)})
         assert settings_key(turned_on) != settings_key(cfg)
     # max_per_system was part of the key from the start, null included
@@ -438,6 +444,7 @@ def test_a_late_setting_left_off_keeps_the_mlflow_key_of_earlier_runs():
             uncapped.model_dump_json()
             .replace(',"cap_within_round":false', "")
             .replace(',"search":"latent"', "")
+            .replace(',"level":6.0', "")
             .encode()
         ).hexdigest()[:12]
     )

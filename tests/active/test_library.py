@@ -165,6 +165,35 @@ def test_the_optimiser_finds_the_best_member_of_a_finite_set():
     assert optimizer.registered_y.max() == values.max()
 
 
+def test_the_straddle_labels_the_boundary_where_ucb_labels_the_top():
+    """On a finite set, the straddle's picks lie near its level; UCB's climb to the largest values."""
+    rng = np.random.default_rng(2)
+    points = rng.uniform(-1, 1, size=(4000, 3)).astype(np.float32)
+    values = 4.0 * points[:, 0].astype(np.float64) + np.sin(3.0 * points[:, 1])  # from -5 to 5
+    library = CandidateLibrary(np.arange(4000).astype(str).astype(object), points, "s")
+    start = rng.choice(4000, 20, replace=False)
+    bounds = np.stack([points.min(axis=0), points.max(axis=0)], axis=1)
+    picked = {}
+    for function in ("straddle", "ucb"):
+        cfg = AcquisitionConfig(
+            function=function, level=3.0, kappa=1.0, n_random=100, n_local=200, local_centres=5, n_refine=0
+        )
+        optimizer = BatchOptimizer.from_points(
+            bounds, points[start], values[start], cfg, source=LibrarySource(library)
+        )
+        for _ in range(6):
+            x = optimizer.suggest(10).x
+            optimizer.register(x, values[library.lookup(x)])
+        picked[function] = optimizer.registered_y[20:]
+    near = {f: float(np.mean(np.abs(y - 3.0) < 0.5)) for f, y in picked.items()}
+    assert near["straddle"] > 0.6 and near["straddle"] > 2 * near["ucb"]
+    assert picked["ucb"].mean() > picked["straddle"].mean()
+    with pytest.raises(ValueError, match="batch"):
+        from agd.active.acquisition import make_optimizer
+
+        make_optimizer(bounds, AcquisitionConfig(function="straddle", method="stock"))
+
+
 def test_experiments_in_worker_processes_equal_one_process_and_share_the_cached_library(
     campaign_models, candidates, tmp_path
 ):
