@@ -256,9 +256,9 @@ class CandidateSource(Protocol):
     """Where a batch optimiser's pool comes from instead of the box: a finite set of points, for example.
 
     ``candidates`` returns the pool's points (m, d) for a round; ``local`` is False before anything is
-    registered. ``registered_y`` ranks the registered points as centres (larger is better: the values, or
-    for the straddle the closeness to its level). Every random choice must come from ``rng``, so that a resumed campaign gets the same pool.
-    The points are not polished (that would leave the set).
+    registered. ``registered_y`` ranks the registered points as centres (larger is better: the values,
+    or for the straddle the closeness to its level). Every random choice must come from ``rng``, so
+    that a resumed campaign gets the same pool. The points are not polished (that would leave the set).
     """
 
     def candidates(
