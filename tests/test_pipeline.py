@@ -124,6 +124,10 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
         counts["al_samples"] == len(samples)
         and samples.groupby(["campaign", "repeat"]).ngroups == n_campaigns
     )
+    # search: candidates (as params.yaml): every suggestion after the initial samples is a valid candidate
+    suggested = samples.loc[samples["round"] > 0, "reduced_formula"]
+    valid = set(candidates.loc[candidates["valid"], "reduced_formula"])
+    assert len(suggested) > 0 and suggested.isin(valid).all(), sorted(set(suggested) - valid)[:5]
     # the campaigns found new formulas, so the AL and random sets are more than their BS samples
     sets = pd.read_parquet(project / "data" / "experiments" / "training_sets.parquet")
     added = sets[sets["origin"] == "oracle"].groupby(["experiment", "training_set"]).size()
