@@ -145,6 +145,12 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     assert "Running stage" not in second
     assert "up to date" in second.lower()
 
+    # the labelled-screen study on the stage's outputs: the hits it reads must agree with metrics.parquet
+    labelled = _run(
+        [sys.executable, "-m", "bench.studies.labelled_screen", "--root", str(project)], REPO_ROOT, env
+    )
+    assert "| Exp2 | AL | 2 |" in labelled and "### roost screeners, 2-4" in labelled, labelled
+
     # the screener study on this project's outputs: two-member screeners, resumed from its rows file
     rows = project / "study_rows.csv"
     study = [

@@ -75,10 +75,10 @@ def test_clear_errors_without_ray_or_without_a_cluster(monkeypatch, tmp_path, ca
     # the command line turns it into one line on stderr and exit code 2, before any work
     from agd.cli import main
 
-    for name in ("prepared.parquet", "autoencoder", "oracle"):
+    for name in ("prepared.parquet", "autoencoder", "oracle", "candidates.parquet"):
         (tmp_path / name).touch()
     args = ["--params", str(REPO_ROOT / "params.tiny.yaml"), "experiments", "--address", "10.0.0.1:6379"]
-    args += [f"--{k}={tmp_path / v}" for k, v in (("prepared", "prepared.parquet"), ("autoencoder", "autoencoder"), ("oracle", "oracle"))]  # fmt: skip
+    args += [f"--{k}={tmp_path / v}" for k, v in (("prepared", "prepared.parquet"), ("autoencoder", "autoencoder"), ("oracle", "oracle"), ("candidates", "candidates.parquet"))]  # fmt: skip
     assert main(args) == 2
     assert "--address is for the ray executor" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees when Ray is not installed

@@ -371,3 +371,43 @@ def test_screen_rescore_adds_test_compositions_that_no_training_set_holds() -> N
         changed_training_sets(training, prepared, "Exp2", 1, "AL", 4)
     with pytest.raises(SystemExit, match="no set Exp4"):
         changed_training_sets(training, prepared, "Exp4", 0, "AL", 1)
+
+
+def test_labelled_screen_calls_a_sets_own_candidates_by_their_labels() -> None:
+    from agd.config import GapWindowConfig
+    from bench.studies.labelled_screen import labelled_scores, report_lines
+
+    windows = {"gt6": GapWindowConfig(low=6.0, high=None, include_low=False, include_high=True)}
+    oracle = pd.Series({"A": 7.0, "B": 6.5, "C": 5.0, "D": 6.2, "E": 1.0})  # oracle hits: A, B, D
+    sets = pd.DataFrame(
+        {
+            "experiment": "Exp2",
+            "repeat": 0,
+            "training_set": ["AL", "AL", "AL", "BS"],
+            "reduced_formula": ["A", "C", "X", "B"],  # X is not a screened candidate
+            "band_gap": [7.0, 5.0, 9.0, 6.5],
+        }
+    )
+    # the AL screener calls C (its own set says 5 eV) and E; the BS screener calls nothing
+    hits = pd.DataFrame(
+        {"experiment": "Exp2", "repeat": 0, "training_set": "AL", "model": "roost", "gap_window": "gt6",
+         "reduced_formula": ["C", "E"]}
+    )  # fmt: skip
+    metrics = pd.DataFrame(
+        {"experiment": "Exp2", "repeat": 0, "training_set": ["AL", "BS"], "model": "roost", "gap_window": "gt6",
+         "n_candidates": [2, 0], "n_recovered": [0, 0], "n_oracle": [3, 3]}
+    )  # fmt: skip
+    scores = labelled_scores(metrics, hits, sets, oracle, windows).set_index("training_set")
+    al, bs = scores.loc["AL"], scores.loc["BS"]
+    assert (al.n_labelled, al.n_labelled_hits, al.n_labelled_truth) == (2, 1, 1)
+    assert (al.model_recovery, al.model_precision) == (0.0, 0.0)
+    # labels + model: A (its label) and E (the model; unlabelled), not C (labelled 5 eV)
+    assert (al.labelled_n_candidates, al.labelled_n_recovered) == (2, 1)
+    assert al.labelled_recovery == pytest.approx(1 / 3) and al.labelled_precision == 0.5
+    assert (bs.labelled_n_candidates, bs.labelled_recovery) == (1, pytest.approx(1 / 3))  # B, by its label
+    (line,) = [
+        line for line in report_lines(scores.reset_index(), windows) if line.startswith("| Exp2 | AL |")
+    ]
+    assert line == "| Exp2 | AL | 1 | 2.0 | 1.0 | 33.3 | 0.0 | +33.3 | 1 of 1 | 50.0 | 0.0 | +50.0 | 1 of 1 |"
+    with pytest.raises(ValueError, match="different runs"):
+        labelled_scores(metrics.assign(n_candidates=[3, 0]), hits, sets, oracle, windows)

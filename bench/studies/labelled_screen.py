@@ -1,0 +1,164 @@
+"""Screening that keeps the labels a training set already holds.
+
+    python -m bench.studies.labelled_screen --out reports/labelled_screen.md
+
+The screen stage's models predict every generated candidate, the ones their own training set labelled
+included, and Table 1 scores those predictions (the paper's protocol). A campaign that searched the
+candidates (``experiments.campaign.search: candidates``) has labelled some of them already, with the
+oracle as a real one would with DFT, and nobody would trust a model's prediction over such a label.
+Here each screener's hit list is rebuilt that way: a candidate its training set labels is a hit when
+the label lies in the window, any other candidate when the model says so. Its recovery and precision
+against the oracle's screening stand beside the stage's own, paired by repeat. The stage's figures are
+recomputed from ``hits.parquet`` and must equal ``metrics.parquet`` row for row, so tables of two runs
+cannot be mixed. Nothing is trained or predicted: the study reads the outputs of ``dvc repro
+pipelines/dvc.yaml:screen`` (and the oracle's cached labels) in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from agd.config import GapWindowConfig, load_params
+from agd.screening import screen as S
+from agd.screening.metrics import counts_metrics, describe_window, window_mask
+from bench.studies.screener_threshold import paired_metric_cells
+
+ROOT = Path(__file__).resolve().parents[2]
+GROUP = ["experiment", "repeat", "training_set", "model", "gap_window"]
+
+
+def labelled_scores(
+    metrics: pd.DataFrame,
+    hits: pd.DataFrame,
+    sets: pd.DataFrame,
+    oracle: pd.Series,
+    windows: dict[str, GapWindowConfig],
+) -> pd.DataFrame:
+    """One row per screener (a ``metrics`` row of a window in ``windows``): the model's counts, recomputed
+    from ``hits``, and the counts when the labels of ``sets`` replace its predictions.
+
+    ``oracle`` maps each screened candidate (reduced formula) to the oracle's gap. Raises ValueError when
+    the recomputed counts differ from ``metrics``: the hits belong to another run.
+    """
+    if not oracle.index.is_unique:
+        raise ValueError("the oracle's screening holds a candidate twice")
+    sets = sets[sets["reduced_formula"].isin(oracle.index)]
+    labelled = {key: part for key, part in sets.groupby(["experiment", "repeat", "training_set"])}
+    found = {key: set(part["reduced_formula"]) for key, part in hits.groupby(GROUP)}
+    rows = []
+    for window_name, window in windows.items():
+        truth = set(oracle.index[window_mask(oracle.to_numpy(), window)])
+        for row in metrics[metrics["gap_window"] == window_name].itertuples(index=False):
+            key = tuple(getattr(row, k) for k in GROUP)
+            model_hits = found.get(key, set())
+            model = counts_metrics(len(model_hits), len(truth), len(model_hits & truth))
+            if (model["n_candidates"], model["n_recovered"], model["n_oracle"]) != (
+                row.n_candidates,
+                row.n_recovered,
+                row.n_oracle,
+            ):
+                raise ValueError(
+                    f"{key}: hits.parquet gives {model['n_candidates']} hits, {model['n_recovered']} recovered of "
+                    f"{model['n_oracle']}; metrics.parquet {row.n_candidates}, {row.n_recovered} of {row.n_oracle}: "
+                    "the tables come from different runs"
+                )
+            known = labelled.get(key[:3])
+            if known is None:
+                known = sets.iloc[:0]
+            known_formulas = set(known["reduced_formula"])
+            known_hits = set(known.loc[window_mask(known["band_gap"].to_numpy(), window), "reduced_formula"])
+            combined = known_hits | (model_hits - known_formulas)
+            both = counts_metrics(len(combined), len(truth), len(combined & truth))
+            rows.append(
+                {
+                    **dict(zip(GROUP, key, strict=True)),
+                    "n_labelled": len(known_formulas),
+                    "n_labelled_hits": len(known_hits),
+                    "n_labelled_truth": len(known_formulas & truth),
+                    **{f"model_{k}": v for k, v in model.items()},
+                    **{f"labelled_{k}": v for k, v in both.items()},
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def report_lines(scores: pd.DataFrame, windows: dict[str, GapWindowConfig]) -> list[str]:
+    """One table per window and model: labels + model against the model alone, paired by repeat."""
+    lines: list[str] = []
+    for window_name, window in windows.items():
+        for model in sorted(scores["model"].unique()):
+            part = scores[(scores["gap_window"] == window_name) & (scores["model"] == model)]
+            if part.empty:
+                continue
+            lines += [
+                "",
+                f"### {model} screeners, {window_name} {describe_window(window)}",
+                "",
+                "| experiment | training set | repeats | candidates labelled | of them oracle hits | "
+                "recovery: labels + model | model | difference | ahead | "
+                "precision: labels + model | model | difference | ahead |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for (experiment, training_set), group in part.groupby(["experiment", "training_set"], sort=True):
+                group = group.set_index("repeat").sort_index()
+                both = group[["labelled_recovery", "labelled_precision"]].set_axis(
+                    ["recovery", "precision"], axis=1
+                )
+                alone = group[["model_recovery", "model_precision"]].set_axis(
+                    ["recovery", "precision"], axis=1
+                )
+                cells = paired_metric_cells(both, alone, ["recovery", "precision"])
+                lines.append(
+                    f"| {experiment} | {training_set} | {len(group)} | {group['n_labelled'].mean():,.1f} | "
+                    f"{group['n_labelled_truth'].mean():.1f} | " + " | ".join(cells) + " |"
+                )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=ROOT, help="project whose params and outputs to use")
+    parser.add_argument("--out", default=None, help="markdown report (default: print only)")
+    args = parser.parse_args(argv)
+    root = args.root
+    cfg = load_params(root / "params.yaml").screening
+    out = root / "data" / "screening"
+    needed = [out / "metrics.parquet", out / "hits.parquet", root / "data/experiments/training_sets.parquet"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise SystemExit(f"missing {missing}: run `dvc repro pipelines/dvc.yaml:screen` first")
+    names = cfg.hit_windows if cfg.hit_windows is not None else list(cfg.windows)
+    windows = {name: cfg.windows[name] for name in names}
+    candidates = root / "data/generated/candidates.parquet"
+    screened = S.oracle_screen(candidates, root / "models/oracle", out / "state", cfg, progress=False)
+    formulas = [f for t in S._candidate_batches(candidates, cfg) for f in t["reduced_formula"].to_pylist()]
+    oracle = pd.Series(screened.gaps(), index=pd.Index(formulas, name="reduced_formula"))
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    hits = pd.read_parquet(out / "hits.parquet", columns=[*GROUP, "reduced_formula"])
+    sets = pd.read_parquet(root / "data/experiments/training_sets.parquet")
+    scores = labelled_scores(metrics, hits, sets, oracle, windows)
+    lines = [
+        "# Screening that keeps the training sets' labels",
+        "",
+        f"`python -m bench.studies.labelled_screen`: the screen stage's {len(scores)} screeners of "
+        f"{', '.join(windows)} on {len(oracle):,} candidates ({screened.oracle_name}'s hits: "
+        + ", ".join(f"{n} {int(window_mask(oracle.to_numpy(), w).sum())}" for n, w in windows.items())
+        + "). *Labels + model*: a candidate the training set labels is a hit when its label lies in the "
+        "window, any other when the model predicts so; *model*: the stage's own screening (Table 1). "
+        "Mean ± std over repeats in percent; the difference is paired by repeat, *ahead* counts the repeats "
+        "where it is positive. *Candidates labelled*: the set's rows that are screened candidates; *of them "
+        "oracle hits*: those the oracle puts in the window.",
+        *report_lines(scores, windows),
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
