@@ -31,6 +31,7 @@ PRODUCERS = {
     "al_samples": "agd experiments",
     "screening": "agd screen",
     "screening_metrics": "agd screen",
+    "screening_labels_kept": "agd screen",
     "structures": "agd structures / agd energy / agd export-vasp",
     "dft_results": "agd import-dft DIR",
     "design_map": "agd catalog (t-SNE of al_samples; params catalog.design_map)",
@@ -48,6 +49,10 @@ TABLE1_METRICS: dict[str, tuple[str, str]] = {
     "precision": ("Precision (%)", "percent"),
     "f1": ("F1 (%)", "percent"),
 }
+#: Columns of a Table 1 that are not screening metrics of the paper's: catalog column -> (label, kind).
+EXTRA_COLUMNS: dict[str, tuple[str, str]] = {"n_labelled": ("Labelled candidates (n)", "count")}
+#: The Table 1 columns ``screening_labels_kept`` has (the screener's R² does not change with the labels).
+LABELS_KEPT_METRICS = ("n_candidates", "recovery", "precision", "f1")
 TRAINING_SET_ORDER = ["ALL", "BS", "AL", "random"]
 
 
@@ -250,19 +255,34 @@ def _selection(
     return " AND ".join(conditions), params
 
 
+def _table1_source(labels_kept: bool) -> tuple[str, Sequence[str]]:
+    """The catalog table Table 1 is read from and the metrics it holds."""
+    if labels_kept:
+        return "screening_labels_kept", LABELS_KEPT_METRICS
+    return "screening_metrics", tuple(TABLE1_METRICS)
+
+
 def table1(
     db: Path,
     experiments: Sequence[str] | None = None,
     models: Sequence[str] | None = None,
     windows: Sequence[str] | None = None,
+    labels_kept: bool = False,
 ) -> pd.DataFrame:
-    """Mean and sample std over repeats of every Table-1 metric per experiment, model, training set and window."""
+    """Mean and sample std over repeats of every Table-1 metric per experiment, model, training set and window.
+
+    ``labels_kept``: from ``screening_labels_kept``, where a candidate the training set labels is judged
+    by its label (only the screening metrics, ``LABELS_KEPT_METRICS``, and ``n_labelled``).
+    """
     where, params = _selection(experiments, models, windows)
-    aggregates = ", ".join(f"avg({m}) AS {m}_mean, stddev_samp({m}) AS {m}_std" for m in TABLE1_METRICS)
+    table, metrics = _table1_source(labels_kept)
+    if labels_kept:
+        metrics = ("n_labelled", *metrics)
+    aggregates = ", ".join(f"avg({m}) AS {m}_mean, stddev_samp({m}) AS {m}_std" for m in metrics)
     frame = _query(
         db,
         f"SELECT experiment, model, training_set, gap_window, count(*) AS n_repeats, {aggregates} "
-        f"FROM screening_metrics WHERE {where} "
+        f"FROM {table} WHERE {where} "
         "GROUP BY experiment, model, training_set, gap_window",
         params,
     )
@@ -277,14 +297,16 @@ def paired(
     experiments: Sequence[str] | None = None,
     models: Sequence[str] | None = None,
     windows: Sequence[str] | None = None,
+    labels_kept: bool = False,
 ) -> pd.DataFrame:
     """AL minus random and AL minus BS, paired by repeat (:func:`agd.screening.metrics.paired_differences`,
-    which writes the same table into the screen stage's report)."""
+    which writes the same table into the screen stage's report); ``labels_kept`` as in :func:`table1`."""
     where, params = _selection(experiments, models, windows)
+    table, _ = _table1_source(labels_kept)
     rows = _query(
         db,
         "SELECT experiment, repeat, model, training_set, gap_window, recovery, precision "
-        f"FROM screening_metrics WHERE {where} "
+        f"FROM {table} WHERE {where} "
         "ORDER BY experiment, model, gap_window, repeat",
         params,
     )
@@ -337,7 +359,7 @@ def table1_display(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
         }
     )
     for metric in metrics:
-        label, kind = TABLE1_METRICS[metric]
+        label, kind = TABLE1_METRICS[metric] if metric in TABLE1_METRICS else EXTRA_COLUMNS[metric]
         out[label] = [
             format_pm(m, s, kind)
             for m, s in zip(frame[f"{metric}_mean"], frame[f"{metric}_std"], strict=True)

@@ -139,6 +139,10 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
         "AL",
         "random",
     }
+    kept = pd.read_parquet(project / "data" / "screening" / "labels_kept.parquet")
+    # every screener of the stored windows is judged again with its labels, and the AL sets label candidates
+    assert counts["screening_labels_kept"] == len(kept) > 0
+    assert kept.loc[kept["training_set"] == "AL", "n_labelled"].gt(0).all()
     assert 0 < counts["structures"] == len(pd.read_parquet(project / "data" / "vasp" / "structures.parquet"))
 
     second = _run(["dvc", "repro", "pipelines/dvc.yaml"], project, env)

@@ -375,7 +375,8 @@ def test_screen_rescore_adds_test_compositions_that_no_training_set_holds() -> N
 
 def test_labelled_screen_calls_a_sets_own_candidates_by_their_labels() -> None:
     from agd.config import GapWindowConfig
-    from bench.studies.labelled_screen import labelled_scores, report_lines
+    from agd.screening.metrics import labels_kept_scores as labelled_scores
+    from bench.studies.labelled_screen import report_lines
 
     windows = {"gt6": GapWindowConfig(low=6.0, high=None, include_low=False, include_high=True)}
     oracle = pd.Series({"A": 7.0, "B": 6.5, "C": 5.0, "D": 6.2, "E": 1.0})  # oracle hits: A, B, D

@@ -136,11 +136,17 @@ class CampaignSpec:
     budget: int  # suggestions after the initial samples
     kappa: float
     seed: int
+    #: the acquisition function when it is not the configured one: the kappa sweep measures UCB's kappa
+    #: whatever the campaigns use (None: the configured one, and left out of the fingerprint)
+    function: Literal["ucb", "ei", "straddle"] | None = None
 
     def fingerprint(self, cfg: CampaignConfig, initial: pd.DataFrame, library: str | None = None) -> str:
         """Hash of everything that decides the table: spec, settings, initial samples (and candidate library)."""
+        spec = asdict(self)
+        if spec["function"] is None:  # tables written before the field existed stay valid
+            del spec["function"]
         payload = {
-            "spec": asdict(self),
+            "spec": spec,
             "config": cfg.model_dump(mode="json", exclude=late_exclusions(cfg)),
             "initial": pd.util.hash_pandas_object(initial[["reduced_formula", "band_gap"]], index=False)
             .to_numpy()
@@ -275,7 +281,10 @@ class Campaign:
         self.spec = spec
         self.cfg = cfg.model_copy(
             update={
-                "acquisition": cfg.acquisition.model_copy(update={"kappa": spec.kappa, "seed": spec.seed})
+                "acquisition": cfg.acquisition.model_copy(
+                    update={"kappa": spec.kappa, "seed": spec.seed}
+                    | ({"function": spec.function} if spec.function is not None else {})
+                )
             }
         )
         self.chemistry = chemistry

@@ -94,12 +94,23 @@ def plan_campaigns(
                 )
     if cfg.kappa_repeats and cfg.kappa_sweep:
         base = next(e for e in cfg.experiments if e.name == cfg.kappa_experiment)
+        # the sweep is the paper's: UCB's kappa, whichever function the campaigns themselves use
+        sweep_function = None if cfg.campaign.acquisition.function == "ucb" else "ucb"
         for value in cfg.kappa_sweep:
             for repeat in range(cfg.kappa_repeats):
                 seed = derived_seed(cfg.seed, base.name, repeat)
                 planned.append(
                     PlannedCampaign(
-                        CampaignSpec(f"kappa-{value:g}", "kappa", repeat, "bo", base.budget, value, seed),
+                        CampaignSpec(
+                            f"kappa-{value:g}",
+                            "kappa",
+                            repeat,
+                            "bo",
+                            base.budget,
+                            value,
+                            seed,
+                            sweep_function,
+                        ),
                         base,
                     )
                 )
@@ -251,7 +262,8 @@ class _Tracking:
         self._runs: dict[tuple[str, int], tuple[str, set[int]]] = {}
 
     def _tags(self, spec: CampaignSpec) -> dict[str, str]:
-        return {"experiment": spec.experiment, "kappa": f"{spec.kappa:g}", "method": spec.method}
+        tags = {"experiment": spec.experiment, "kappa": f"{spec.kappa:g}", "method": spec.method}
+        return tags | ({"function": spec.function} if spec.function is not None else {})
 
     def parent(self, spec: CampaignSpec) -> str:
         return self.tracker.parent(spec.campaign, self.settings, self._tags(spec), self.params)

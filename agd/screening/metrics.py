@@ -145,18 +145,20 @@ def _natural(text: str) -> tuple:
     return (str(text).rstrip("0123456789"), int(digits) if digits else -1, str(text))
 
 
-def aggregate_table1(frame: pd.DataFrame, windows: Sequence[str] | None = None) -> pd.DataFrame:
+def aggregate_table1(
+    frame: pd.DataFrame, windows: Sequence[str] | None = None, metrics: Sequence[str] = TABLE1_METRICS
+) -> pd.DataFrame:
     """Table 1: ``<metric>_mean`` / ``<metric>_std`` over repeats and ``n_repeats`` per experiment, set, model, window.
 
     ``frame`` has one row per (experiment, repeat, model, training_set, gap_window), as written to
     ``metrics.parquet``. The standard deviation is the sample one (NaN for a single repeat). Rows come
     out sorted by experiment, training set (ALL, BS, AL, random, others), model and window (in the
-    order of ``windows`` when given).
+    order of ``windows`` when given). ``metrics``: the columns averaged, those ``frame`` has of them.
     """
     missing = [c for c in (*TABLE1_KEYS, "repeat") if c not in frame.columns]
     if missing:
         raise ValueError(f"metrics frame lacks column(s) {missing}")
-    metrics = [m for m in TABLE1_METRICS if m in frame.columns]
+    metrics = [m for m in metrics if m in frame.columns]
     if frame.empty:
         columns = [*TABLE1_KEYS, "n_repeats", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))]
         return pd.DataFrame(columns=columns)
@@ -178,6 +180,164 @@ def aggregate_table1(frame: pd.DataFrame, windows: Sequence[str] | None = None) 
         ["experiment", "training_set", "model", "_window"], key=_order_key, kind="stable"
     )
     return table.drop(columns="_window").reset_index(drop=True)
+
+
+#: One screener's figures of one window: the rows of ``metrics.parquet`` and of the labels-kept table.
+SCREENER_KEYS = ("experiment", "repeat", "training_set", "model", "gap_window")
+
+
+def labels_kept_scores(
+    metrics: pd.DataFrame,
+    hits: pd.DataFrame,
+    sets: pd.DataFrame,
+    oracle: pd.Series,
+    windows: Mapping[str, GapWindowConfig],
+    strict: bool = True,
+) -> pd.DataFrame:
+    """Each screener's counts when the labels its own training set holds replace its predictions.
+
+    A screener predicts every candidate, those its training set labelled included, and Table 1 scores
+    the predictions (the paper's protocol). A campaign that searched the candidates has labelled some of
+    them, as a real one does with DFT, and nobody would trust a model over such a label. Here a candidate
+    the set labels is a hit when its label (the mean, should the set hold it twice) lies in the window,
+    any other candidate when the model calls it a hit.
+
+    ``metrics``: ``metrics.parquet`` rows (those of windows outside ``windows`` are skipped); ``hits``: the
+    screeners' hits (:data:`SCREENER_KEYS` and ``reduced_formula``); ``sets``: training rows (experiment,
+    repeat, training_set, reduced_formula, band_gap); ``oracle``: the oracle's gap of each screened
+    candidate, indexed by reduced formula. Formulas are compared as given, so all three must spell them
+    the same way (the canonical key of :func:`agd.chem.formula.formula_key`).
+
+    One row per screener and window: the model's counts recomputed from ``hits`` (``model_*``), the counts
+    with the labels kept (``labelled_*``), and ``n_labelled`` (candidates the set labels),
+    ``n_labelled_hits`` (of them labelled inside the window) and ``n_labelled_truth`` (of them oracle
+    hits). With ``strict`` a recount that differs from ``metrics`` raises ValueError (the hits come from
+    another run); without, the recount stands (a candidate table holding a formula twice counts it once).
+    """
+    screened = oracle.index
+    gaps = oracle.to_numpy(dtype=float)
+    sets = sets[sets["reduced_formula"].isin(screened)]
+    labels = sets.groupby(["experiment", "repeat", "training_set", "reduced_formula"], sort=False)["band_gap"]
+    labels = labels.mean().reset_index()
+    labelled = {key: part for key, part in labels.groupby(["experiment", "repeat", "training_set"])}
+    found = {key: set(part["reduced_formula"]) for key, part in hits.groupby(list(SCREENER_KEYS))}
+    rows = []
+    for window_name, window in windows.items():
+        truth = set(screened[window_mask(gaps, window)])
+        for row in metrics[metrics["gap_window"] == window_name].itertuples(index=False):
+            key = tuple(getattr(row, k) for k in SCREENER_KEYS)
+            model_hits = found.get(key, set())
+            model = counts_metrics(len(model_hits), len(truth), len(model_hits & truth))
+            stated = (row.n_candidates, row.n_recovered, row.n_oracle)
+            if strict and (model["n_candidates"], model["n_recovered"], model["n_oracle"]) != stated:
+                raise ValueError(
+                    f"{key}: the hits give {model['n_candidates']} hits, {model['n_recovered']} recovered of "
+                    f"{model['n_oracle']}; the metrics {stated[0]}, {stated[1]} of {stated[2]}: "
+                    "the tables come from different runs"
+                )
+            known = labelled.get(key[:3], labels.iloc[:0])
+            known_formulas = set(known["reduced_formula"])
+            inside = window_mask(known["band_gap"].to_numpy(dtype=float), window)
+            known_hits = set(known.loc[inside, "reduced_formula"])
+            combined = known_hits | (model_hits - known_formulas)
+            both = counts_metrics(len(combined), len(truth), len(combined & truth))
+            rows.append(
+                {
+                    **dict(zip(SCREENER_KEYS, key, strict=True)),
+                    "n_labelled": len(known_formulas),
+                    "n_labelled_hits": len(known_hits),
+                    "n_labelled_truth": len(known_formulas & truth),
+                    **{f"model_{k}": v for k, v in model.items()},
+                    **{f"labelled_{k}": v for k, v in both.items()},
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+#: Per-screener columns of the labels-kept table besides :data:`SCREENER_KEYS`, in order.
+LABELS_KEPT_METRICS = (
+    "n_labelled",
+    "n_labelled_truth",
+    "n_candidates",
+    "n_oracle",
+    "n_recovered",
+    "recovery",
+    "precision",
+    "f1",
+    "recovery_gain",
+    "precision_gain",
+)
+
+
+def labels_kept_frame(scores: pd.DataFrame) -> pd.DataFrame:
+    """:func:`labels_kept_scores` shaped like ``metrics.parquet``: the labels-kept counts and ratios, and
+    ``recovery_gain`` / ``precision_gain``, what keeping the labels adds to the model's own figures."""
+    out = scores[[*SCREENER_KEYS, "n_labelled", "n_labelled_truth"]].copy()
+    for name in ("n_candidates", "n_oracle", "n_recovered", "recovery", "precision", "f1"):
+        out[name] = scores[f"labelled_{name}"]
+    for name in ("recovery", "precision"):
+        out[f"{name}_gain"] = scores[f"labelled_{name}"].astype(float) - scores[f"model_{name}"].astype(float)
+    return out.reset_index(drop=True)
+
+
+def aggregate_labels_kept(frame: pd.DataFrame, windows: Sequence[str] | None = None) -> pd.DataFrame:
+    """The labels-kept table over repeats: ``<metric>_mean`` / ``_std`` as :func:`aggregate_table1`, and
+    ``<gain>_ahead`` / ``<gain>_n``: repeats where keeping the labels scores higher / has the figure."""
+    table = aggregate_table1(frame, windows=windows, metrics=LABELS_KEPT_METRICS)
+    if table.empty:
+        return table
+    grouped = frame.groupby(list(TABLE1_KEYS), sort=False)
+    for gain in ("recovery_gain", "precision_gain"):
+        counts = grouped[gain].agg(ahead=lambda v: int((v > 0).sum()), n=lambda v: int(v.notna().sum()))
+        counts = counts.add_prefix(f"{gain}_").reset_index()
+        table = table.merge(counts, on=list(TABLE1_KEYS), how="left", sort=False)
+    return table
+
+
+def labels_kept_markdown(table: pd.DataFrame, paired: pd.DataFrame | None = None) -> list[str]:
+    """The labels-kept table (and its sets paired by repeat) as a markdown section."""
+    if table.empty:
+        return []
+    lines = [
+        "",
+        "## With the training sets' labels kept",
+        "",
+        "A candidate the screener's own training set labels is a hit when that label lies in the window; "
+        "every other candidate is judged by the model, as above. A campaign that searched the candidates "
+        "has labelled some of them already (with the oracle here, with DFT in a real one). *Labelled*: the "
+        "set's rows that are screened candidates; *of them oracle hits*: those the oracle puts in the window. "
+        "*Gain*: labels kept minus the model alone, paired by repeat in percentage points; *ahead*: repeats "
+        "where keeping the labels scores higher.",
+        "",
+    ]
+    header = (
+        "| experiment | set | model | window | repeats | labelled | of them oracle hits | candidates "
+        "| recovered | recovery | gain | ahead | precision | gain | ahead |"
+    )
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in table.to_dict("records"):
+        cells = [str(row[k]) for k in TABLE1_KEYS] + [str(int(row["n_repeats"]))]
+        cells += [
+            _pm(row["n_labelled_mean"], row["n_labelled_std"], digits=1),
+            _pm(row["n_labelled_truth_mean"], row["n_labelled_truth_std"], digits=1),
+            _pm(row["n_candidates_mean"], row["n_candidates_std"], digits=1),
+            _pm(row["n_recovered_mean"], row["n_recovered_std"], digits=1),
+        ]
+        for name in ("recovery", "precision"):
+            cells.append(_pm(row[f"{name}_mean"], row[f"{name}_std"], percent=True, digits=1))
+            cells += paired_cells(
+                {
+                    f"{name}_diff_mean": row[f"{name}_gain_mean"],
+                    f"{name}_diff_std": row[f"{name}_gain_std"],
+                    f"{name}_ahead": row[f"{name}_gain_ahead"],
+                    f"{name}_n": row[f"{name}_gain_n"],
+                },
+                name,
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    if paired is not None:
+        lines += paired_markdown(paired, title="### Labels kept, paired by repeat", explain=False)
+    return lines
 
 
 #: training sets compared repeat by repeat, first minus second: the campaigns' finds against the random
@@ -253,20 +413,24 @@ def paired_cells(row: Mapping[str, Any], metric: str) -> list[str]:
     return [text, f"{int(row[f'{metric}_ahead'])} of {int(row[f'{metric}_n'])}"]
 
 
-def paired_markdown(paired: pd.DataFrame, metrics: Sequence[str] = PAIRED_METRICS) -> list[str]:
-    """The paired differences as a markdown section (no lines for an empty table)."""
+def paired_markdown(
+    paired: pd.DataFrame,
+    metrics: Sequence[str] = PAIRED_METRICS,
+    title: str = "## Paired by repeat",
+    explain: bool = True,
+) -> list[str]:
+    """The paired differences as a markdown section under ``title`` (no lines for an empty table)."""
     if paired.empty:
         return []
-    lines = [
-        "",
-        "## Paired by repeat",
-        "",
-        "The sets of one repeat share its initial samples, so each cell is the mean ± sample standard "
-        "deviation of the per-repeat difference (first set minus second, in percentage points), and "
-        "*ahead* counts the repeats where the first set scores higher. A mean larger than its standard "
-        "deviation is a difference larger than the spread over repeats.",
-        "",
-    ]
+    lines = ["", title, ""]
+    if explain:
+        lines += [
+            "The sets of one repeat share its initial samples, so each cell is the mean ± sample standard "
+            "deviation of the per-repeat difference (first set minus second, in percentage points), and "
+            "*ahead* counts the repeats where the first set scores higher. A mean larger than its standard "
+            "deviation is a difference larger than the spread over repeats.",
+            "",
+        ]
     header = (
         "| pair | experiment | model | window | repeats | "
         + " | ".join(f"{m} | ahead" for m in metrics)
@@ -303,7 +467,8 @@ def table1_json(table: pd.DataFrame) -> dict[str, Any]:
         cell = out.setdefault(row["experiment"], {}).setdefault(row["training_set"], {})
         cell = cell.setdefault(row["model"], {})
         cell[row["gap_window"]] = {
-            c: (int(row[c]) if c == "n_repeats" else _finite(row[c])) for c in value_columns
+            c: (int(row[c]) if c == "n_repeats" or c.endswith(("_ahead", "_n")) else _finite(row[c]))
+            for c in value_columns
         }
     return out
 

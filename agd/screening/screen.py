@@ -25,8 +25,10 @@ instead of retrained. The final tables are rebuilt from the stored groups in a f
 rerun, or a run resumed after a kill, writes the same files.
 
 Outputs in ``out_dir``: ``metrics.parquet`` (catalog table ``screening_metrics``), ``hits.parquet``
-(catalog table ``screening``), ``table1.parquet`` (the aggregated Table 1), ``rejected_rows.csv``
-(training rows that could not be used, with row number and reason) and ``summary.json``.
+(catalog table ``screening``), ``table1.parquet`` (the aggregated Table 1), ``labels_kept.parquet``
+(each screener of the hit windows judged again with its own training set's labels in place of its
+predictions for the candidates that set labels), ``rejected_rows.csv`` (training rows that could not be
+used, with row number and reason) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -56,9 +58,15 @@ from agd.chem.formula import FormulaError, formula_key, parse_formula
 from agd.config import ScreeningConfig
 from agd.executors import Executor, is_local
 from agd.screening.metrics import (
+    LABELS_KEPT_METRICS,
+    SCREENER_KEYS,
+    aggregate_labels_kept,
     aggregate_table1,
     counts_metrics,
     describe_window,
+    labels_kept_frame,
+    labels_kept_markdown,
+    labels_kept_scores,
     paired_differences,
     paired_json,
     table1_json,
@@ -316,6 +324,18 @@ class OracleScreen:
             return np.zeros(0)
         return np.concatenate(
             [pq.read_table(p, columns=["oracle_gap"])["oracle_gap"].to_numpy() for p in self.parts]
+        )
+
+    def labels(self) -> pd.Series:
+        """The oracle's gap of each screened candidate (NaN where unlabelled), indexed by reduced formula."""
+        if not self.parts:
+            return pd.Series(np.zeros(0), index=pd.Index([], dtype=object, name="reduced_formula"))
+        tables = [pq.read_table(p, columns=["reduced_formula", "oracle_gap"]) for p in self.parts]
+        table = pa.concat_tables(tables)
+        return pd.Series(
+            table["oracle_gap"].to_numpy(),
+            index=pd.Index(table["reduced_formula"].to_pylist(), name="reduced_formula"),
+            name="oracle_gap",
         )
 
 
@@ -1109,6 +1129,10 @@ def run_screening_stage(
 
     frame = metrics.to_pandas()
     table = aggregate_table1(frame, windows=list(cfg.windows))
+    kept = _labels_kept(frame, training, screen, out / "hits.parquet", cfg)
+    _write_parquet(pa.Table.from_pandas(kept, preserve_index=False), out / "labels_kept.parquet")
+    kept_table = aggregate_labels_kept(kept, windows=list(cfg.windows))
+    kept_paired = paired_differences(kept)
     _write_parquet(pa.Table.from_pandas(table, preserve_index=False), out / "table1.parquet")
     sizes = training.groupby(["experiment", "training_set"])["repeat"].agg(["nunique", "size"])
     context = {
@@ -1132,11 +1156,15 @@ def run_screening_stage(
     report_path = Path(report) if report is not None else out / "table1.md"
     report_path.parent.mkdir(parents=True, exist_ok=True)
     paired = paired_differences(frame)
-    report_path.write_text(table1_markdown(table, cfg.windows, n_oracle, context, paired=paired))
+    report_path.write_text(
+        table1_markdown(table, cfg.windows, n_oracle, context, paired=paired)
+        + "".join(line + "\n" for line in labels_kept_markdown(kept_table, kept_paired))
+    )
 
     summary = {
         "table1": table1_json(table),
         "paired": paired_json(paired),
+        "labels_kept": {"table1": table1_json(kept_table), "paired": paired_json(kept_paired)},
         "oracle": {
             "name": screen.oracle_name,
             "screened": screen.n_screened,
@@ -1153,6 +1181,27 @@ def run_screening_stage(
     }
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
     return _json_safe(summary)
+
+
+def _labels_kept(
+    metrics: pd.DataFrame, training: pd.DataFrame, screen: OracleScreen, hits_path: Path, cfg: ScreeningConfig
+) -> pd.DataFrame:
+    """Each screener of the hit windows judged with its training set's labels kept
+    (:func:`~agd.screening.metrics.labels_kept_scores`; training rows by their canonical key)."""
+    names = cfg.hit_windows if cfg.hit_windows is not None else list(cfg.windows)
+    hits = pd.read_parquet(hits_path, columns=[*SCREENER_KEYS, "reduced_formula"])
+    sets = training[["experiment", "repeat", "training_set", "key", "band_gap"]]
+    scores = labels_kept_scores(
+        metrics,
+        hits,
+        sets.rename(columns={"key": "reduced_formula"}),
+        screen.labels(),
+        {name: cfg.windows[name] for name in names},
+        strict=False,
+    )
+    if scores.empty:
+        return pd.DataFrame(columns=[*SCREENER_KEYS, *LABELS_KEPT_METRICS])
+    return labels_kept_frame(scores)
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:

@@ -131,6 +131,28 @@ CREATE TABLE IF NOT EXISTS screening_metrics (
     loaded_at TIMESTAMP NOT NULL
 );
 
+-- Table 1 again, with each training set's own labels kept: a candidate the set labels is judged by its
+-- label, the others by the model (agd screen, labels_kept.parquet; the hit windows only).
+CREATE TABLE IF NOT EXISTS screening_labels_kept (
+    experiment VARCHAR NOT NULL,
+    repeat INTEGER,
+    training_set VARCHAR NOT NULL,
+    model VARCHAR NOT NULL,
+    gap_window VARCHAR NOT NULL,
+    n_labelled BIGINT,                        -- screened candidates the training set labels
+    n_labelled_truth BIGINT,                  -- ... of them oracle hits
+    n_candidates BIGINT,                      -- candidates called hits (by label, else by the model)
+    n_oracle BIGINT,
+    n_recovered BIGINT,
+    recovery DOUBLE,
+    precision DOUBLE,
+    f1 DOUBLE,
+    recovery_gain DOUBLE,                     -- recovery minus the model's own (screening_metrics)
+    precision_gain DOUBLE,
+    source_file VARCHAR NOT NULL,
+    loaded_at TIMESTAMP NOT NULL
+);
+
 -- Structures built for candidate formulas by template substitution, then relaxed.
 CREATE TABLE IF NOT EXISTS structures (
     formula VARCHAR NOT NULL,

@@ -11,7 +11,10 @@ the label lies in the window, any other candidate when the model says so. Its re
 against the oracle's screening stand beside the stage's own, paired by repeat. The stage's figures are
 recomputed from ``hits.parquet`` and must equal ``metrics.parquet`` row for row, so tables of two runs
 cannot be mixed. Nothing is trained or predicted: the study reads the outputs of ``dvc repro
-pipelines/dvc.yaml:screen`` (and the oracle's cached labels) in seconds.
+pipelines/dvc.yaml:screen`` (and the oracle's cached labels) in seconds. The screen stage now writes
+the same figures itself (``labels_kept.parquet`` and Table 1's last section), with the arithmetic of
+:func:`agd.screening.metrics.labels_kept_scores` that this study uses; the study remains as the check
+that the hits and metrics of a run agree.
 """
 
 from __future__ import annotations
@@ -23,66 +26,11 @@ import pandas as pd
 
 from agd.config import GapWindowConfig, load_params
 from agd.screening import screen as S
-from agd.screening.metrics import counts_metrics, describe_window, window_mask
+from agd.screening.metrics import describe_window, labels_kept_scores, window_mask
 from bench.studies.screener_threshold import paired_metric_cells
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUP = ["experiment", "repeat", "training_set", "model", "gap_window"]
-
-
-def labelled_scores(
-    metrics: pd.DataFrame,
-    hits: pd.DataFrame,
-    sets: pd.DataFrame,
-    oracle: pd.Series,
-    windows: dict[str, GapWindowConfig],
-) -> pd.DataFrame:
-    """One row per screener (a ``metrics`` row of a window in ``windows``): the model's counts, recomputed
-    from ``hits``, and the counts when the labels of ``sets`` replace its predictions.
-
-    ``oracle`` maps each screened candidate (reduced formula) to the oracle's gap. Raises ValueError when
-    the recomputed counts differ from ``metrics``: the hits belong to another run.
-    """
-    if not oracle.index.is_unique:
-        raise ValueError("the oracle's screening holds a candidate twice")
-    sets = sets[sets["reduced_formula"].isin(oracle.index)]
-    labelled = {key: part for key, part in sets.groupby(["experiment", "repeat", "training_set"])}
-    found = {key: set(part["reduced_formula"]) for key, part in hits.groupby(GROUP)}
-    rows = []
-    for window_name, window in windows.items():
-        truth = set(oracle.index[window_mask(oracle.to_numpy(), window)])
-        for row in metrics[metrics["gap_window"] == window_name].itertuples(index=False):
-            key = tuple(getattr(row, k) for k in GROUP)
-            model_hits = found.get(key, set())
-            model = counts_metrics(len(model_hits), len(truth), len(model_hits & truth))
-            if (model["n_candidates"], model["n_recovered"], model["n_oracle"]) != (
-                row.n_candidates,
-                row.n_recovered,
-                row.n_oracle,
-            ):
-                raise ValueError(
-                    f"{key}: hits.parquet gives {model['n_candidates']} hits, {model['n_recovered']} recovered of "
-                    f"{model['n_oracle']}; metrics.parquet {row.n_candidates}, {row.n_recovered} of {row.n_oracle}: "
-                    "the tables come from different runs"
-                )
-            known = labelled.get(key[:3])
-            if known is None:
-                known = sets.iloc[:0]
-            known_formulas = set(known["reduced_formula"])
-            known_hits = set(known.loc[window_mask(known["band_gap"].to_numpy(), window), "reduced_formula"])
-            combined = known_hits | (model_hits - known_formulas)
-            both = counts_metrics(len(combined), len(truth), len(combined & truth))
-            rows.append(
-                {
-                    **dict(zip(GROUP, key, strict=True)),
-                    "n_labelled": len(known_formulas),
-                    "n_labelled_hits": len(known_hits),
-                    "n_labelled_truth": len(known_formulas & truth),
-                    **{f"model_{k}": v for k, v in model.items()},
-                    **{f"labelled_{k}": v for k, v in both.items()},
-                }
-            )
-    return pd.DataFrame(rows)
 
 
 def report_lines(scores: pd.DataFrame, windows: dict[str, GapWindowConfig]) -> list[str]:
@@ -134,12 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     windows = {name: cfg.windows[name] for name in names}
     candidates = root / "data/generated/candidates.parquet"
     screened = S.oracle_screen(candidates, root / "models/oracle", out / "state", cfg, progress=False)
-    formulas = [f for t in S._candidate_batches(candidates, cfg) for f in t["reduced_formula"].to_pylist()]
-    oracle = pd.Series(screened.gaps(), index=pd.Index(formulas, name="reduced_formula"))
+    oracle = screened.labels()
     metrics = pd.read_parquet(out / "metrics.parquet")
     hits = pd.read_parquet(out / "hits.parquet", columns=[*GROUP, "reduced_formula"])
     sets = pd.read_parquet(root / "data/experiments/training_sets.parquet")
-    scores = labelled_scores(metrics, hits, sets, oracle, windows)
+    scores = labels_kept_scores(metrics, hits, sets, oracle, windows)
     lines = [
         "# Screening that keeps the training sets' labels",
         "",

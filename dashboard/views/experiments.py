@@ -26,8 +26,26 @@ chosen_metrics = st.multiselect(
     format_func=labels.get,
     key="exp_metrics",
 )
+has_kept = bool(ui.catalog_status().counts.get("screening_labels_kept"))
+labels_kept = st.toggle(
+    "Judge the candidates a training set labels by their labels",
+    key="exp_labels_kept",
+    disabled=not has_kept,
+    help="Off: every candidate is judged by the screening model's prediction (the paper's protocol). On: a "
+    "candidate the screener's own training set labels (a campaign that searched the candidates labelled "
+    "some) is a hit when its label lies in the window; the others are judged by the model. Only the "
+    "screening metrics change; the stage writes this table for the windows whose hits it stores."
+    + (
+        ""
+        if has_kept
+        else " The catalog has no screening_labels_kept rows: rerun `agd screen` and `agd catalog`."
+    ),
+)
+if labels_kept:
+    chosen_metrics = ["n_labelled", *(m for m in chosen_metrics if m in data.LABELS_KEPT_METRICS)]
+selection = (tuple(chosen_experiments), tuple(chosen_models), tuple(chosen_windows))
 
-frame = ui.query("table1", tuple(chosen_experiments), tuple(chosen_models), tuple(chosen_windows))
+frame = ui.query("table1", *selection, labels_kept=labels_kept)
 if frame.empty:
     st.info("No Table-1 rows match the selection.")
     st.stop()
@@ -36,10 +54,11 @@ st.table(
 )
 st.caption(
     "Mean ± sample standard deviation over repeats; recovery = recovered / oracle hits, precision = recovered / model hits."
+    + (" Labelled candidates: the screened candidates the training set labels." if labels_kept else "")
 )
 
 st.subheader("Paired by repeat: AL − random, AL − BS")
-paired = ui.query("paired", tuple(chosen_experiments), tuple(chosen_models), tuple(chosen_windows))
+paired = ui.query("paired", *selection, labels_kept=labels_kept)
 if paired.empty:
     st.info("No selected experiment has both sets of a pair (AL and random, or AL and BS).")
 else:
@@ -58,5 +77,5 @@ chart_metrics = st.multiselect(
     format_func=labels.get,
     key="exp_charts",
 )
-for metric in chart_metrics:
+for metric in (m for m in chart_metrics if f"{m}_mean" in frame.columns):
     st.vega_lite_chart(spec=data.table1_bar_spec(frame, metric), width="content", key=f"chart_{metric}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import signal
@@ -188,6 +189,38 @@ def test_plan_covers_experiments_controls_and_kappa_sweep():
     assert len(set(bo.values())) == len(bo)  # ... and repeats differ
     with pytest.raises(ValueError, match="unknown campaign"):
         plan_campaigns(cfg, only=["Exp9-bo"])
+
+
+def test_the_kappa_sweep_stays_ucb_when_the_campaigns_use_another_function(parts, tmp_path):
+    straddle = {"function": "straddle", "level": 4.0, "kappa": 1.96}
+    cfg = ExperimentsConfig(
+        repeats=1, kappa_sweep=[0, 5], kappa_repeats=1, campaign={"acquisition": ACQ | straddle}
+    )
+    plan = plan_campaigns(cfg)
+    functions = {p.spec.campaign: p.spec.function for p in plan}
+    assert functions["Exp2-bo"] is None and functions["kappa-0"] == functions["kappa-5"] == "ucb"
+    # with UCB configured the sweep's specs name no function, so their fingerprints are those of old tables
+    assert {p.spec.function for p in plan_campaigns(ExperimentsConfig(repeats=1))} == {None}
+
+    chemistry, oracle, initial = parts
+    campaign_cfg = _cfg(acquisition=ACQ | straddle)
+    sweep = CampaignSpec("kappa-5", "kappa", 0, "bo", 5, 5.0, 7, "ucb")
+    campaign = Campaign(sweep, campaign_cfg, chemistry, oracle, initial, tmp_path / "k.parquet")
+    assert (campaign.cfg.acquisition.function, campaign.cfg.acquisition.kappa) == ("ucb", 5.0)
+    own = Campaign(
+        dataclasses.replace(sweep, function=None),
+        campaign_cfg,
+        chemistry,
+        oracle,
+        initial,
+        tmp_path / "s.parquet",
+    )
+    assert own.cfg.acquisition.function == "straddle" and own.fingerprint != campaign.fingerprint
+    # naming the function is part of who the campaign is
+    plain = CampaignSpec("T-bo", "T", 0, "bo", 5, 2.576, 7)
+    assert plain.fingerprint(_cfg(), initial) != dataclasses.replace(plain, function="ucb").fingerprint(
+        _cfg(), initial
+    )
 
 
 def test_initial_samples_are_seeded_order_free_and_respect_the_gap_limit(campaign_models):

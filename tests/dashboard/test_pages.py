@@ -83,6 +83,37 @@ def test_experiments_table1_equals_catalog(app_env, fixture_tables):
         np.testing.assert_allclose(bar["mean"] - bar["low"], rows.recovery.std() * 100)
 
 
+def test_experiments_labels_kept_reads_its_own_table(app_env, fixture_tables):
+    at = make_app().run()
+    at.multiselect(key="exp_metrics").set_value(["r2_test", "recovery", "precision"])
+    at.toggle(key="exp_labels_kept").set_value(True).run()
+    _no_failure(at)
+    shown = at.table[0].value
+    # R² does not change with the labels, so it is not offered; the labelled count comes first
+    assert list(shown.columns) == ["Repeats", "Labelled candidates (n)", "Recovery (%)", "Precision (%)"]
+    kept = fixture_tables["screening_labels_kept"]
+    kept = kept[kept.gap_window == "gt6"]
+    groups = kept.groupby(["experiment", "model", "training_set", "gap_window"])
+    assert len(shown) == groups.ngroups
+    for key, rows in groups:
+        row = shown.loc[key]
+        assert row["Recovery (%)"] == _pm(rows.recovery.mean(), rows.recovery.std(), 1, 100)
+        assert row["Labelled candidates (n)"] == _pm(rows.n_labelled.mean(), rows.n_labelled.std(), 0)
+    # the model's own Table 1 differs: keeping the labels raised the AL sets' recovery in the fixture
+    at.toggle(key="exp_labels_kept").set_value(False).run()
+    own = at.table[0].value
+    al = ("Exp2", "roost", "AL", "gt6")
+    assert own.loc[al, "Recovery (%)"] != shown.loc[al, "Recovery (%)"]
+    # the pairs are computed from the same table
+    at.toggle(key="exp_labels_kept").set_value(True).run()
+    paired = at.table[1].value
+    rows = kept[(kept.experiment == "Exp2") & (kept.model == "roost")].set_index(["training_set", "repeat"])
+    diff = 100 * (rows.loc["AL", "recovery"] - rows.loc["random", "recovery"])
+    assert paired.loc[("AL − random", "Exp2", "roost", "gt6"), "Recovery (points)"] == (
+        f"{diff.mean():+.1f} ± {diff.std():.1f}"
+    )
+
+
 def test_experiments_selection_narrows_table(app_env, fixture_tables):
     at = make_app().run()
     at.multiselect(key="exp_experiments").set_value(["Exp2", "Exp3"])

@@ -201,3 +201,36 @@ def test_paper_figures_match_the_papers_candidate_lists(shared_data):
         assert found["precision"] == pytest.approx(figures["precision"]), key
     assert PAPER_TABLE1[("Exp2", "AL")]["recovery"] == pytest.approx(0.7843, abs=1e-4)  # the paper's 78.43%
     assert PAPER_TABLE1[("Exp3", "AL")]["recovery"] == pytest.approx(0.5784, abs=1e-4)  # the paper's 57.84%
+
+
+def test_labels_kept_table_averages_repeats_and_counts_the_repeats_it_helps():
+    from agd.screening.metrics import aggregate_labels_kept, labels_kept_frame, labels_kept_markdown
+
+    keys = {"experiment": "Exp2", "training_set": "AL", "model": "roost", "gap_window": "gt6"}
+    scores = pd.DataFrame(
+        [
+            keys | {"repeat": 0, "n_labelled": 10, "n_labelled_hits": 4, "n_labelled_truth": 4,
+                    "model_recovery": 0.5, "model_precision": 0.5, "labelled_n_candidates": 10,
+                    "labelled_n_oracle": 20, "labelled_n_recovered": 12, "labelled_recovery": 0.6,
+                    "labelled_precision": 0.6, "labelled_f1": 0.4},
+            keys | {"repeat": 1, "n_labelled": 20, "n_labelled_hits": 2, "n_labelled_truth": 2,
+                    "model_recovery": 0.4, "model_precision": 0.8, "labelled_n_candidates": 8,
+                    "labelled_n_oracle": 20, "labelled_n_recovered": 8, "labelled_recovery": 0.4,
+                    "labelled_precision": 1.0, "labelled_f1": 0.3},
+        ]
+    )  # fmt: skip
+    frame = labels_kept_frame(scores)
+    assert frame["recovery_gain"].round(12).tolist() == [0.1, 0.0]
+    table = aggregate_labels_kept(frame)
+    (row,) = table.to_dict("records")
+    assert row["n_repeats"] == 2 and row["recovery_mean"] == pytest.approx(0.5)
+    assert row["n_labelled_mean"] == 15 and row["recovery_gain_mean"] == pytest.approx(0.05)
+    # a gain of zero is not ahead; precision rose in both repeats
+    assert (row["recovery_gain_ahead"], row["recovery_gain_n"]) == (1, 2)
+    assert (row["precision_gain_ahead"], row["precision_gain_n"]) == (2, 2)
+    (line,) = [x for x in labels_kept_markdown(table) if x.startswith("| Exp2 |")]
+    assert line == (
+        "| Exp2 | AL | roost | gt6 | 2 | 15.0 ± 7.1 | 3.0 ± 1.4 | 9.0 ± 1.4 | 10.0 ± 2.8 | 50.0 ± 14.1% | +5.0 ± 7.1 "
+        "| 1 of 2 | 80.0 ± 28.3% | +15.0 ± 7.1 | 2 of 2 |"
+    )
+    assert labels_kept_markdown(table.iloc[:0]) == []

@@ -147,7 +147,13 @@ def _assert_same(a: dict, b: dict) -> None:
 
 def test_tables_match_the_catalog_schema(first):
     out = _outputs(first)
-    for name, table in (("screening_metrics", out["metrics"]), ("screening", out["hits"])):
+    kept = pd.read_parquet(first / "labels_kept.parquet")
+    tables = (
+        ("screening_metrics", out["metrics"]),
+        ("screening", out["hits"]),
+        ("screening_labels_kept", kept),
+    )
+    for name, table in tables:
         expected = [c.name for c in TABLES[name] if c.name not in PROVENANCE_COLUMNS]
         assert list(table.columns) == expected, name
     metrics = out["metrics"]
@@ -399,6 +405,7 @@ def test_outputs_load_into_the_catalog(first, tmp_path):
     db = tmp_path / "catalog.duckdb"
     n_hits = load_table(db, "screening", first / "hits.parquet")
     n_metrics = load_table(db, "screening_metrics", first / "metrics.parquet")
+    n_kept = load_table(db, "screening_labels_kept", first / "labels_kept.parquet")
     with CatalogReader(db) as reader:
         counts = reader.tables()
         top = reader.query(
@@ -406,6 +413,7 @@ def test_outputs_load_into_the_catalog(first, tmp_path):
         )
     assert counts["screening"] == n_hits == len(pd.read_parquet(first / "hits.parquet"))
     assert counts["screening_metrics"] == n_metrics == 28
+    assert counts["screening_labels_kept"] == n_kept == 28  # every window stores its hits here
     assert list(top["model"]) == ["forest", "roost"]
 
 
@@ -494,3 +502,51 @@ def test_model_limits_keep_a_slow_model_to_some_repeats_and_sets():
     roost = [g for g in groups if g.model == "roost"]
     assert len([g for g in groups if g.model == "forest"]) == 19
     assert len(roost) == 6 and all(g.repeat == 0 and g.training_set != "ALL" for g in roost)
+
+
+def test_labels_kept_replace_the_predictions_of_labelled_candidates(first, inputs):
+    kept = pd.read_parquet(first / "labels_kept.parquet")
+    out = _outputs(first)
+    hits, metrics = out["hits"], out["metrics"]
+    training, _ = read_training_sets(inputs["training_sets"])
+    cands = pd.read_parquet(inputs["candidates"])
+    screened = cands[cands["valid"]].reset_index(drop=True)
+    oracle_gap = load_oracle(inputs["oracle"]).label(screened["formula"].tolist()).gaps
+    keys = [formula_key(f) for f in screened["formula"]]
+    windows = {name: TINY.windows[name] for name in TINY.hit_windows or TINY.windows}
+    # one row per screener of a hit window, with the model's own counts beside it unchanged
+    assert len(kept) == int(metrics["gap_window"].isin(list(windows)).sum())
+    assert kept["n_labelled"].max() > 0  # some training sets label some candidates: the check means something
+    for row in kept.itertuples(index=False):
+        window = windows[row.gap_window]
+        labels = training[
+            (training.experiment == row.experiment)
+            & (training.repeat == row.repeat)
+            & (training.training_set == row.training_set)
+        ]
+        labels = labels[labels["key"].isin(keys)].groupby("key")["band_gap"].mean()
+        truth = {k for k, g in zip(keys, oracle_gap, strict=True) if window_mask(np.array([g]), window)[0]}
+        model = set(
+            hits.loc[
+                (hits.experiment == row.experiment)
+                & (hits.repeat == row.repeat)
+                & (hits.training_set == row.training_set)
+                & (hits.model == row.model)
+                & (hits.gap_window == row.gap_window),
+                "reduced_formula",
+            ]
+        )
+        called = {k for k, g in labels.items() if window_mask(np.array([g]), window)[0]}
+        called |= model - set(labels.index)
+        assert (row.n_labelled, row.n_candidates, row.n_recovered) == (
+            len(labels),
+            len(called),
+            len(called & truth),
+        )
+        stated = metrics.set_index(["experiment", "repeat", "training_set", "model", "gap_window"]).loc[
+            (row.experiment, row.repeat, row.training_set, row.model, row.gap_window)
+        ]
+        assert row.recovery_gain == pytest.approx(row.recovery - stated["recovery"], nan_ok=True)
+    summary = out["summary"]["labels_kept"]
+    assert set(summary["table1"]) == set(kept["experiment"])
+    assert "## With the training sets' labels kept" in out["report"]

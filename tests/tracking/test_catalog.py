@@ -56,6 +56,7 @@ def test_schema_defines_all_tables_with_provenance():
         "al_samples",
         "screening",
         "screening_metrics",
+        "screening_labels_kept",
         "structures",
         "dft_results",
         "design_map",
