@@ -179,6 +179,8 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     assert done["recovery"].notna().all()  # the tiny oracle labels every candidate above 1 eV
     assert len(done) == 8 and not done.duplicated(["training_set", "repeat", "threshold"]).any()
     assert (done.groupby(["training_set", "repeat"])["n_hits"].diff().dropna() <= 0).all()  # higher: fewer
+    # with the labels kept, a threshold only moves the calls on candidates the set does not label
+    assert done["recovery_kept"].notna().all() and done["precision_kept"].notna().all()
     changed = subprocess.run(
         [*study, "--repeats", "2", "--window-low", "0.5"],
         cwd=REPO_ROOT,
@@ -218,7 +220,10 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     assert bogus.returncode != 0 and "not experiments.campaign settings" in bogus.stderr
     variant += ["--set", "max_per_system=1", "--out", str(project / "cap1.md")]
     first_variant = _run(variant, REPO_ROOT, env)
-    assert "AL r0" in first_variant and "| AL | 6 | 1 |" in (project / "cap1.md").read_text()
+    cap1 = (project / "cap1.md").read_text()
+    assert "AL r0" in first_variant and "| AL | 6 | 1 |" in cap1
+    # the variant's labels-kept screening beside the stage's labels_kept.parquet, paired by repeat
+    assert "own labels kept on both sides" in cap1 and cap1.count("\n| AL | 1 | ") == 2, cap1
     folder = tmp_path / "variants" / "cap1"
     assert (folder / "models" / "oracle").resolve() == (project / "models" / "oracle").resolve()
     state = pd.read_parquet(folder / "data" / "experiments" / "campaigns" / "Exp2-bo" / "repeat-00.parquet")

@@ -235,6 +235,31 @@ def test_campaign_variant_is_paired_with_the_pipelines_screeners_by_repeat() -> 
     assert "max_per_system=2" in lines[1] and not any(line.startswith("| random |") for line in lines)
 
 
+def test_campaign_variant_pairs_the_labels_kept_figures_and_changes_the_budget() -> None:
+    from bench.studies.campaign_variant import kept_lines, variant_params
+
+    rows = pd.DataFrame(
+        {"training_set": "AL", "repeat": [0, 0, 1, 1], "threshold": [5.5, 6.0, 5.5, 6.0],
+         "recovery_kept": [0.9, 0.70, 0.9, 0.60], "precision_kept": [0.1, 0.80, 0.1, 0.70]}
+    )  # fmt: skip
+    kept = pd.DataFrame(
+        {"experiment": "Exp2", "model": ["roost", "roost", "forest"], "gap_window": "gt6", "training_set": "AL",
+         "repeat": [0, 1, 0], "recovery": [0.60, 0.60, 0.0], "precision": [0.80, 0.60, 0.0]}
+    )  # fmt: skip
+    (line,) = [line for line in kept_lines(rows, kept, "Exp2", ["AL"]) if line.startswith("| AL |")]
+    # recovery 70, 60 against 60, 60 (+10, 0); precision 80, 70 against 80, 60 (0, +10)
+    assert line == (
+        "| AL | 2 | 65.0 ± 7.1 | 60.0 ± 0.0 | +5.0 ± 7.1 | 1 of 2 | 75.0 ± 7.1 | 70.0 ± 14.1 | +5.0 ± 7.1 | 1 of 2 |"
+    )
+    assert kept_lines(rows, kept, "Exp3", ["AL"]) == []  # nothing to pair: no table
+    params = {
+        "experiments": {"experiments": [{"name": "Exp2", "n_initial": 10, "budget": 5}], "campaign": {}}
+    }
+    changed = variant_params(params, "Exp2", 2, {}, False, budget=40)
+    assert changed["experiments"]["experiments"][0]["budget"] == 40
+    assert params["experiments"]["experiments"][0]["budget"] == 5  # the project's params are not touched
+
+
 def test_campaign_variant_falls_back_to_the_committed_table1_unpaired() -> None:
     from bench.studies.campaign_variant import table1_lines
 

@@ -43,15 +43,20 @@ LINKED = (
 )
 
 
-def variant_params(params: dict, experiment: str, repeats: int, changes: dict, random: bool) -> dict:
+def variant_params(
+    params: dict, experiment: str, repeats: int, changes: dict, random: bool, budget: int | None = None
+) -> dict:
     """``params.yaml`` reduced to one experiment's Bayesian campaigns (and, with ``random``, its
-    control), ``repeats`` repeats, no kappa sweep, with ``changes`` made to ``experiments.campaign``."""
+    control), ``repeats`` repeats, no kappa sweep, with ``changes`` made to ``experiments.campaign``
+    (and the experiment's suggestion ``budget`` changed when given)."""
     out = copy.deepcopy(params)
     section = out["experiments"]
     chosen = [e for e in section["experiments"] if e["name"] == experiment]
     if not chosen:
         names = [e["name"] for e in section["experiments"]]
         raise SystemExit(f"params.yaml has no experiment {experiment!r}; it has {names}")
+    if budget is not None:
+        chosen[0]["budget"] = budget
     section.update(experiments=chosen, repeats=repeats, random_control=random, kappa_sweep=[])
     unknown = sorted(set(changes) - set(CampaignConfig.model_fields))
     if unknown:
@@ -95,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--experiment", default="Exp2")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--budget", type=int, help="the experiment's suggestion budget (default: params.yaml's)"
+    )
     parser.add_argument("--random", action="store_true", help="run the random control too, and screen it")
     parser.add_argument("--out", type=Path, help="markdown report of the screeners")
     parser.add_argument("--root", type=Path, default=ROOT, help="project whose params and outputs to use")
@@ -108,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         changes[key] = yaml.safe_load(value)
     params = yaml.safe_load((args.root / "params.yaml").read_text())
     folder = args.work / args.name
-    variant = variant_params(params, args.experiment, args.repeats, changes, args.random)
+    variant = variant_params(params, args.experiment, args.repeats, changes, args.random, args.budget)
+    if args.budget is not None:
+        args.set = [*args.set, f"budget={args.budget}"]  # named wherever the report lists the changes
     path = prepare_folder(args.root, folder, variant)
     experiments = folder / "data" / "experiments"
     command = [
@@ -135,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = pd.read_csv(folder / "screeners.csv")
         if metrics.is_file():
             lines += pipeline_lines(rows, pd.read_parquet(metrics), args.experiment, sets, args.set)
+            kept = args.root / "data" / "screening" / "labels_kept.parquet"
+            if kept.is_file() and "recovery_kept" in rows:
+                lines += kept_lines(rows, pd.read_parquet(kept), args.experiment, sets)
         elif table1.is_file():  # a clone without the screen stage's outputs still has its Table 1
             lines += table1_lines(rows, json.loads(table1.read_text()), args.experiment, sets, args.set)
         if any(pipeline_campaigns.glob("*/repeat-*.parquet")):
@@ -215,6 +228,33 @@ def pipeline_lines(
         cells = paired_metric_cells(ours.loc[both], stage.loc[both], ["recovery", "precision"])
         lines.append(f"| {training_set} | {len(both)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def kept_lines(rows: pd.DataFrame, kept: pd.DataFrame, experiment: str, sets: list[str]) -> list[str]:
+    """As :func:`pipeline_lines`, with each set's labels kept on both sides (the variant's rows'
+    ``recovery_kept`` / ``precision_kept`` against the screen stage's ``labels_kept.parquet``)."""
+    ours = rows[np.isclose(rows["threshold"], 6.0)].set_index(["training_set", "repeat"])
+    ours = ours[["recovery_kept", "precision_kept"]]
+    ours.columns = ["recovery", "precision"]
+    stage = kept[
+        (kept["experiment"] == experiment) & (kept["model"] == "roost") & (kept["gap_window"] == "gt6")
+    ]
+    stage = stage.set_index(["training_set", "repeat"])
+    lines = [
+        "",
+        "The same with each training set's own labels kept on both sides (`data/screening/labels_kept.parquet`):",
+        "",
+        "| training set | repeats | recovery: variant | pipeline | difference | ahead | precision: variant | "
+        "pipeline | difference | ahead |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    shared = ours.index.intersection(stage.index)
+    for training_set in sets:
+        both = [key for key in shared if key[0] == training_set]
+        if both:
+            cells = paired_metric_cells(ours.loc[both], stage.loc[both], ["recovery", "precision"])
+            lines.append(f"| {training_set} | {len(both)} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 5 else []  # the heading alone says nothing
 
 
 if __name__ == "__main__":
