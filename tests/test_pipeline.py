@@ -181,6 +181,7 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     assert (done.groupby(["training_set", "repeat"])["n_hits"].diff().dropna() <= 0).all()  # higher: fewer
     # with the labels kept, a threshold only moves the calls on candidates the set does not label
     assert done["recovery_kept"].notna().all() and done["precision_kept"].notna().all()
+    assert (done["n_hits_unlabelled"] <= done["n_hits"]).all() and done["n_hits_unlabelled"].gt(0).any()
     changed = subprocess.run(
         [*study, "--repeats", "2", "--window-low", "0.5"],
         cwd=REPO_ROOT,
