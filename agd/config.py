@@ -8,6 +8,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import typing
@@ -634,6 +635,13 @@ class ScreeningConfig(_Section):
     )
     windows: dict[str, GapWindowConfig] = Field(default_factory=_screening_windows)
     hit_windows: list[str] | None = Field(None, description="windows whose hits are written (None: all)")
+    check_margins: list[float] = Field(
+        default_factory=list,
+        description="eV; for each margin, Table 1 again after the oracle (DFT in a real campaign) checks every "
+        "candidate a screener puts inside its hit window widened by the margin that the training set does "
+        "not label: what the check costs and recovers. Each screener then stores its near-misses too "
+        "([]: off; setting it retrains every screener)",
+    )
     valid_only: bool = Field(
         True, description="screen only charge-neutral, electronegativity-balanced candidates"
     )
@@ -670,6 +678,9 @@ class ScreeningConfig(_Section):
         unknown = sorted(set(self.hit_windows or ()) - set(self.windows))
         if unknown:
             raise ValueError(f"hit_windows {unknown} are not among the windows {sorted(self.windows)}")
+        bad = [m for m in self.check_margins if not (m > 0 and math.isfinite(m))]
+        if bad or len(set(self.check_margins)) != len(self.check_margins):
+            raise ValueError(f"check_margins {self.check_margins}: give distinct positive numbers of eV")
         return self
 
 

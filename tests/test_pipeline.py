@@ -143,6 +143,13 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     # every screener of the stored windows is judged again with its labels, and the AL sets label candidates
     assert counts["screening_labels_kept"] == len(kept) > 0
     assert kept.loc[kept["training_set"] == "AL", "n_labelled"].gt(0).all()
+    # params.tiny.yaml checks the near-misses: that costs labels and never recovers less than the labels alone
+    check = pd.read_parquet(project / "data" / "screening" / "check.parquet")
+    assert len(check) == 2 * len(kept) and check["n_checked"].gt(0).any()
+    joined = check.merge(
+        kept, on=["experiment", "repeat", "training_set", "model", "gap_window"], suffixes=("", "_kept")
+    )
+    assert (joined["n_recovered"] >= joined["n_recovered_kept"]).all()
     assert 0 < counts["structures"] == len(pd.read_parquet(project / "data" / "vasp" / "structures.parquet"))
 
     second = _run(["dvc", "repro", "pipelines/dvc.yaml"], project, env)

@@ -186,6 +186,26 @@ def aggregate_table1(
 SCREENER_KEYS = ("experiment", "repeat", "training_set", "model", "gap_window")
 
 
+def _set_labels(sets: pd.DataFrame, screened: pd.Index) -> tuple[pd.DataFrame, dict[tuple, pd.DataFrame]]:
+    """The training sets' labels of screened candidates (the mean where a set holds one twice), all of
+    them and by (experiment, repeat, training_set)."""
+    sets = sets[sets["reduced_formula"].isin(screened)]
+    labels = sets.groupby(["experiment", "repeat", "training_set", "reduced_formula"], sort=False)["band_gap"]
+    labels = labels.mean().reset_index()
+    return labels, {key: part for key, part in labels.groupby(["experiment", "repeat", "training_set"])}
+
+
+def _known(labels: pd.DataFrame, window: GapWindowConfig) -> tuple[set[str], set[str]]:
+    """The candidates a set labels, and those of them it labels inside ``window``."""
+    inside = window_mask(labels["band_gap"].to_numpy(dtype=float), window)
+    return set(labels["reduced_formula"]), set(labels.loc[inside, "reduced_formula"])
+
+
+def _table_head(header: str) -> list[str]:
+    """A markdown table's header line and its separator."""
+    return [header, "|" + "---|" * (header.count("|") - 1)]
+
+
 def labels_kept_scores(
     metrics: pd.DataFrame,
     hits: pd.DataFrame,
@@ -216,10 +236,7 @@ def labels_kept_scores(
     """
     screened = oracle.index
     gaps = oracle.to_numpy(dtype=float)
-    sets = sets[sets["reduced_formula"].isin(screened)]
-    labels = sets.groupby(["experiment", "repeat", "training_set", "reduced_formula"], sort=False)["band_gap"]
-    labels = labels.mean().reset_index()
-    labelled = {key: part for key, part in labels.groupby(["experiment", "repeat", "training_set"])}
+    labels, labelled = _set_labels(sets, screened)
     found = {key: set(part["reduced_formula"]) for key, part in hits.groupby(list(SCREENER_KEYS))}
     rows = []
     for window_name, window in windows.items():
@@ -235,10 +252,7 @@ def labels_kept_scores(
                     f"{model['n_oracle']}; the metrics {stated[0]}, {stated[1]} of {stated[2]}: "
                     "the tables come from different runs"
                 )
-            known = labelled.get(key[:3], labels.iloc[:0])
-            known_formulas = set(known["reduced_formula"])
-            inside = window_mask(known["band_gap"].to_numpy(dtype=float), window)
-            known_hits = set(known.loc[inside, "reduced_formula"])
+            known_formulas, known_hits = _known(labelled.get(key[:3], labels.iloc[:0]), window)
             combined = known_hits | (model_hits - known_formulas)
             both = counts_metrics(len(combined), len(truth), len(combined & truth))
             rows.append(
@@ -252,6 +266,120 @@ def labels_kept_scores(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def widen_window(window: GapWindowConfig, margin: float) -> GapWindowConfig:
+    """``window`` with each finite bound moved out by ``margin`` eV (an open side stays open)."""
+    return window.model_copy(
+        update={
+            "low": None if window.low is None else window.low - margin,
+            "high": None if window.high is None else window.high + margin,
+        }
+    )
+
+
+#: Per-screener columns of the check table besides :data:`SCREENER_KEYS` and ``margin``, in order.
+CHECK_METRICS = ("n_checked", "n_candidates", "n_oracle", "n_recovered", "recovery", "precision", "f1")
+
+
+def check_scores(
+    calls: pd.DataFrame,
+    screeners: pd.DataFrame,
+    sets: pd.DataFrame,
+    oracle: pd.Series,
+    windows: Mapping[str, GapWindowConfig],
+    margins: Sequence[float],
+) -> pd.DataFrame:
+    """Each screener's figures after the oracle checks the candidates it calls in a widened window.
+
+    A verify round: the screener's own training set labels some candidates (kept, as in
+    :func:`labels_kept_scores`); every other candidate the screener predicts inside the window widened by
+    ``margin`` is checked with the oracle (DFT in a real campaign), and the final list holds the set's
+    labelled hits and the checked candidates the oracle puts in the window. ``n_checked`` is what the
+    check costs; the checked part of the list is right by construction.
+
+    ``calls``: the screeners' predictions (:data:`SCREENER_KEYS`, ``reduced_formula``, ``predicted_gap``)
+    covering at least each window widened by the largest margin; ``screeners``: the screeners to score
+    (:data:`SCREENER_KEYS`; one with no calls scores too); ``sets``, ``oracle``: as in
+    :func:`labels_kept_scores`. One row per screener, window of ``windows`` and margin.
+    """
+    screened = oracle.index
+    gaps = oracle.to_numpy(dtype=float)
+    labels, labelled = _set_labels(sets, screened)
+    by_screener = {key: part for key, part in calls.groupby(list(SCREENER_KEYS))}
+    rows = []
+    for window_name, window in windows.items():
+        truth = set(screened[window_mask(gaps, window)])
+        for row in screeners[screeners["gap_window"] == window_name].itertuples(index=False):
+            key = tuple(getattr(row, k) for k in SCREENER_KEYS)
+            known_formulas, known_hits = _known(labelled.get(key[:3], labels.iloc[:0]), window)
+            mine = by_screener.get(key, calls.iloc[:0])
+            for margin in margins:
+                wide = window_mask(mine["predicted_gap"].to_numpy(dtype=float), widen_window(window, margin))
+                checked = set(mine.loc[wide, "reduced_formula"]) - known_formulas
+                final = known_hits | (checked & truth)
+                counts = counts_metrics(len(final), len(truth), len(final & truth))
+                rows.append(
+                    {**dict(zip(SCREENER_KEYS, key, strict=True)), "margin": float(margin),
+                     "n_checked": len(checked), **counts}
+                )  # fmt: skip
+    columns = [*SCREENER_KEYS, "margin", *CHECK_METRICS]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def aggregate_check(frame: pd.DataFrame, windows: Sequence[str] | None = None) -> pd.DataFrame:
+    """The check table over repeats: :func:`aggregate_table1` per margin (``margin`` a key column)."""
+    if frame.empty:
+        return pd.DataFrame(columns=[*TABLE1_KEYS, "margin", "n_repeats"])
+    parts = []
+    for margin, part in frame.groupby("margin", sort=True):
+        table = aggregate_table1(part, windows=windows, metrics=CHECK_METRICS)
+        table.insert(len(TABLE1_KEYS), "margin", margin)
+        parts.append(table)
+    table = pd.concat(parts, ignore_index=True)
+    order = table[list(TABLE1_KEYS)].drop_duplicates().reset_index(drop=True).reset_index()
+    table = table.merge(order, on=list(TABLE1_KEYS)).sort_values(["index", "margin"], kind="stable")
+    return table.drop(columns="index").reset_index(drop=True)
+
+
+def check_json(table: pd.DataFrame) -> dict[str, Any]:
+    """The check table nested as experiment -> set -> model -> window -> margin (as text) -> figures."""
+    out: dict[str, Any] = {}
+    values = [c for c in table.columns if c not in (*TABLE1_KEYS, "margin")]
+    for row in table.to_dict("records"):
+        cell = out.setdefault(row["experiment"], {}).setdefault(row["training_set"], {})
+        cell = cell.setdefault(row["model"], {}).setdefault(row["gap_window"], {})
+        cell[f"{row['margin']:g}"] = {
+            c: (int(row[c]) if c == "n_repeats" else _finite(row[c])) for c in values
+        }
+    return out
+
+
+def check_markdown(table: pd.DataFrame) -> list[str]:
+    """The check table as a markdown section (no lines when it is empty)."""
+    if table.empty:
+        return []
+    lines = [
+        "",
+        "## After checking the near-misses",
+        "",
+        "Each screener's training set keeps its labels; every other candidate the screener predicts inside "
+        "the window widened by the margin is checked with the oracle (DFT in a real campaign). *Checked*: "
+        "the labels that check costs; the list after it holds the set's labelled hits and the checked "
+        "candidates the oracle puts in the window, so its checked part is right by construction.",
+        "",
+    ]
+    header = "| experiment | set | model | window | margin (eV) | repeats | checked | listed | recovered | recovery | precision |"
+    lines += _table_head(header)
+    for row in table.to_dict("records"):
+        cells = [str(row[k]) for k in TABLE1_KEYS]
+        cells += [f"{row['margin']:g}", str(int(row["n_repeats"]))]
+        for name in ("n_checked", "n_candidates", "n_recovered"):
+            cells.append(_pm(row[f"{name}_mean"], row[f"{name}_std"], digits=1))
+        for name in ("recovery", "precision"):
+            cells.append(_pm(row[f"{name}_mean"], row[f"{name}_std"], percent=True, digits=1))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 #: Per-screener columns of the labels-kept table besides :data:`SCREENER_KEYS`, in order.
@@ -314,7 +442,7 @@ def labels_kept_markdown(table: pd.DataFrame, paired: pd.DataFrame | None = None
         "| experiment | set | model | window | repeats | labelled | of them oracle hits | candidates "
         "| recovered | recovery | gain | ahead | precision | gain | ahead |"
     )
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    lines += _table_head(header)
     for row in table.to_dict("records"):
         cells = [str(row[k]) for k in TABLE1_KEYS] + [str(int(row["n_repeats"]))]
         cells += [
@@ -436,7 +564,7 @@ def paired_markdown(
         + " | ".join(f"{m} | ahead" for m in metrics)
         + " |"
     )
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    lines += _table_head(header)
     for row in paired.to_dict("records"):
         cells = [
             row["pair"].replace("-", " − "),
@@ -533,7 +661,7 @@ def table1_markdown(
         "| experiment | set | model | window | repeats | n train | R² hold-out | R² test | MAE test (eV) "
         "| candidates | recovered | recovery | precision | F1 | paper |"
     )
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    lines += _table_head(header)
     for row in table.to_dict("records"):
         cells = [
             str(row["experiment"]),

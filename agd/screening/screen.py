@@ -27,7 +27,9 @@ rerun, or a run resumed after a kill, writes the same files.
 Outputs in ``out_dir``: ``metrics.parquet`` (catalog table ``screening_metrics``), ``hits.parquet``
 (catalog table ``screening``), ``table1.parquet`` (the aggregated Table 1), ``labels_kept.parquet``
 (each screener of the hit windows judged again with its own training set's labels in place of its
-predictions for the candidates that set labels), ``rejected_rows.csv`` (training rows that could not be
+predictions for the candidates that set labels), ``check.parquet`` (with ``screening.check_margins``: each
+such screener after the oracle checks what it calls in its widened windows; empty otherwise),
+``rejected_rows.csv`` (training rows that could not be
 used, with row number and reason) and ``summary.json``.
 """
 
@@ -58,10 +60,15 @@ from agd.chem.formula import FormulaError, formula_key, parse_formula
 from agd.config import ScreeningConfig
 from agd.executors import Executor, is_local
 from agd.screening.metrics import (
+    CHECK_METRICS,
     LABELS_KEPT_METRICS,
     SCREENER_KEYS,
+    aggregate_check,
     aggregate_labels_kept,
     aggregate_table1,
+    check_json,
+    check_markdown,
+    check_scores,
     counts_metrics,
     describe_window,
     labels_kept_frame,
@@ -71,6 +78,7 @@ from agd.screening.metrics import (
     paired_json,
     table1_json,
     table1_markdown,
+    widen_window,
     window_mask,
 )
 
@@ -116,6 +124,19 @@ HITS_SCHEMA = pa.schema(
         # the prediction lies outside the range of labels its model trained on: an extrapolation,
         # which tree models cannot make and which a neural model makes with little to back it
         ("beyond_training", pa.bool_()),
+    ]
+)
+#: Columns of a screener's near-misses (``state/groups/<group>.near.parquet``, with ``check_margins``):
+#: candidates it predicts inside a hit window widened by the largest margin, but outside the window.
+NEAR_SCHEMA = pa.schema(
+    [
+        ("experiment", pa.string()),
+        ("repeat", pa.int32()),
+        ("model", pa.string()),
+        ("training_set", pa.string()),
+        ("gap_window", pa.string()),
+        ("reduced_formula", pa.string()),
+        ("predicted_gap", pa.float64()),
     ]
 )
 #: Columns of a cached oracle part: the screened candidates in order, with the oracle's gap.
@@ -626,6 +647,7 @@ class _Prepared:
     n_recovered: dict[str, int] = field(default_factory=dict)
     n_unpredicted: int = 0
     hits: list[pa.Table] = field(default_factory=list)
+    near: list[pa.Table] = field(default_factory=list)
 
 
 def _prepare_group(
@@ -769,6 +791,7 @@ class _PartResult:
     n_recovered: dict[str, int]
     n_unpredicted: int
     hits: list[pa.Table]
+    near: list[pa.Table] = field(default_factory=list)
 
 
 def _screen_part(
@@ -795,6 +818,13 @@ def _screen_part(
                 found.hits.append(
                     _hit_table(group, name, chunk.take(pa.array(idx)), pred[idx], screener.beyond(pred[idx]))
                 )
+            if name in hit_windows and cfg.check_margins:
+                near = window_mask(pred, widen_window(window, max(cfg.check_margins))) & ~mask
+                if near.any():
+                    idx = np.flatnonzero(near)
+                    found.near.append(
+                        _near_table(group, name, chunk["reduced_formula"].take(pa.array(idx)), pred[idx])
+                    )
         results.append(found)
     return results
 
@@ -813,6 +843,18 @@ def _merge_part(prepared: Sequence[_Prepared], results: Sequence[_PartResult]) -
             item.n_candidates[name] += found.n_candidates[name]
             item.n_recovered[name] += found.n_recovered[name]
         item.hits.extend(found.hits)
+        item.near.extend(found.near)
+
+
+def _group_columns(group: Group, window: str, n: int) -> dict[str, pa.Array]:
+    """The columns that say which screener and window ``n`` rows of a hits or near-miss table belong to."""
+    return {
+        "experiment": pa.array([group.experiment] * n, pa.string()),
+        "repeat": pa.array(np.full(n, group.repeat, dtype=np.int32)),
+        "model": pa.array([group.model] * n, pa.string()),
+        "training_set": pa.array([group.training_set] * n, pa.string()),
+        "gap_window": pa.array([window] * n, pa.string()),
+    }
 
 
 def _hit_table(
@@ -821,11 +863,7 @@ def _hit_table(
     n = len(rows)
     return pa.table(
         {
-            "experiment": pa.array([group.experiment] * n, pa.string()),
-            "repeat": pa.array(np.full(n, group.repeat, dtype=np.int32)),
-            "model": pa.array([group.model] * n, pa.string()),
-            "training_set": pa.array([group.training_set] * n, pa.string()),
-            "gap_window": pa.array([window] * n, pa.string()),
+            **_group_columns(group, window, n),
             "formula": rows["formula"],
             "reduced_formula": rows["reduced_formula"],
             "predicted_gap": pa.array(predicted, pa.float64()),
@@ -833,6 +871,18 @@ def _hit_table(
             "beyond_training": pa.array(beyond, pa.bool_()),
         },
         schema=HITS_SCHEMA,
+    )
+
+
+def _near_table(group: Group, window: str, formulas: pa.Array, predicted: np.ndarray) -> pa.Table:
+    n = len(formulas)
+    return pa.table(
+        {
+            **_group_columns(group, window, n),
+            "reduced_formula": formulas,
+            "predicted_gap": pa.array(predicted, pa.float64()),
+        },
+        schema=NEAR_SCHEMA,
     )
 
 
@@ -859,12 +909,21 @@ def _metric_rows(item: _Prepared, n_oracle: dict[str, int]) -> list[dict[str, An
 
 
 def _store_group(
-    state: Path, item: _Prepared, n_oracle: dict[str, int], model_fingerprint: str, pool: pd.DataFrame
+    state: Path,
+    item: _Prepared,
+    n_oracle: dict[str, int],
+    model_fingerprint: str,
+    pool: pd.DataFrame,
+    check: bool = False,
 ) -> dict[str, Any]:
-    """Write a finished group: hits and test-pool predictions first, then the JSON that marks it complete."""
+    """Write a finished group: hits (near-misses with ``check``) and test-pool predictions first, then the
+    JSON that marks it complete."""
     state.mkdir(parents=True, exist_ok=True)
     hits = pa.concat_tables(item.hits) if item.hits else HITS_SCHEMA.empty_table()
     _write_parquet(hits, state / f"{item.group.name}.hits.parquet")
+    if check:
+        near = pa.concat_tables(item.near) if item.near else NEAR_SCHEMA.empty_table()
+        _write_parquet(near, state / f"{item.group.name}.near.parquet")
     predictions = pa.table(
         {"key": pa.array(pool["key"].tolist(), pa.string()), "predicted_gap": item.test_predictions}
     )
@@ -887,10 +946,13 @@ def _write_record(state: Path, group: Group, record: dict[str, Any]) -> None:
     tmp.replace(json_path)
 
 
-def _load_group(state: Path, group: Group) -> dict[str, Any] | None:
-    """A stored group if it is complete (whatever inputs it was computed from)."""
+def _load_group(state: Path, group: Group, check: bool = False) -> dict[str, Any] | None:
+    """A stored group if it is complete (whatever inputs it was computed from; with ``check``, its
+    near-misses too)."""
     json_path = state / f"{group.name}.json"
     if not json_path.is_file() or not (state / f"{group.name}.hits.parquet").is_file():
+        return None
+    if check and not (state / f"{group.name}.near.parquet").is_file():
         return None
     try:
         return json.loads(json_path.read_text())
@@ -999,6 +1061,8 @@ def _group_fingerprints(
         }
     )
     settings["model"] = getattr(cfg, group.model).model_dump()
+    if cfg.check_margins:  # only when set, so the groups stored before the option existed stay valid
+        settings["check_margins"] = sorted(cfg.check_margins)
     model = {
         "version": _STATE_VERSION,
         "group": group.__dict__,
@@ -1059,7 +1123,7 @@ def run_screening_stage(
     for group in groups:
         rows = by_set[(group.experiment, group.repeat, group.training_set)]
         fingerprints[group] = _group_fingerprints(group, rows, cfg, screen, test_hash)
-        record = _load_group(groups_state, group)
+        record = _load_group(groups_state, group, check=bool(cfg.check_margins))
         if record is not None and record.get("fingerprint") != fingerprints[group][0]:
             record = _rescore_group(groups_state, group, record, fingerprints[group], test)
             rescored += record is not None
@@ -1097,7 +1161,7 @@ def run_screening_stage(
             )
             for item in ready:
                 records[item.group] = _store_group(
-                    groups_state, item, n_oracle, fingerprints[item.group][1], pool
+                    groups_state, item, n_oracle, fingerprints[item.group][1], pool, bool(cfg.check_margins)
                 )
                 _report_group(on_group, item.group, records[item.group])
             del ready
@@ -1105,7 +1169,9 @@ def run_screening_stage(
     # stored groups that are not part of this plan would only confuse a later reader of the state
     wanted = {g.name for g in groups}
     for file in groups_state.glob("*") if groups_state.is_dir() else ():
-        stem = file.name.removesuffix(".hits.parquet").removesuffix(".test.parquet").removesuffix(".json")
+        stem = file.name.removesuffix(".json")
+        for suffix in (".hits.parquet", ".test.parquet", ".near.parquet"):
+            stem = stem.removesuffix(suffix)
         if stem not in wanted and not file.name.startswith("."):
             file.unlink()
 
@@ -1133,6 +1199,9 @@ def run_screening_stage(
     _write_parquet(pa.Table.from_pandas(kept, preserve_index=False), out / "labels_kept.parquet")
     kept_table = aggregate_labels_kept(kept, windows=list(cfg.windows))
     kept_paired = paired_differences(kept)
+    checked = _checked(frame, training, screen, out / "hits.parquet", groups, groups_state, cfg)
+    _write_parquet(pa.Table.from_pandas(checked, preserve_index=False), out / "check.parquet")
+    check_table = aggregate_check(checked, windows=list(cfg.windows))
     _write_parquet(pa.Table.from_pandas(table, preserve_index=False), out / "table1.parquet")
     sizes = training.groupby(["experiment", "training_set"])["repeat"].agg(["nunique", "size"])
     context = {
@@ -1159,12 +1228,14 @@ def run_screening_stage(
     report_path.write_text(
         table1_markdown(table, cfg.windows, n_oracle, context, paired=paired)
         + "".join(line + "\n" for line in labels_kept_markdown(kept_table, kept_paired))
+        + "".join(line + "\n" for line in check_markdown(check_table))
     )
 
     summary = {
         "table1": table1_json(table),
         "paired": paired_json(paired),
         "labels_kept": {"table1": table1_json(kept_table), "paired": paired_json(kept_paired)},
+        "check": check_json(check_table),
         "oracle": {
             "name": screen.oracle_name,
             "screened": screen.n_screened,
@@ -1202,6 +1273,34 @@ def _labels_kept(
     if scores.empty:
         return pd.DataFrame(columns=[*SCREENER_KEYS, *LABELS_KEPT_METRICS])
     return labels_kept_frame(scores)
+
+
+def _checked(
+    metrics: pd.DataFrame,
+    training: pd.DataFrame,
+    screen: OracleScreen,
+    hits_path: Path,
+    groups: Sequence[Group],
+    state: Path,
+    cfg: ScreeningConfig,
+) -> pd.DataFrame:
+    """Each screener of the hit windows after the oracle checks its calls in the widened windows
+    (:func:`~agd.screening.metrics.check_scores`); an empty table when ``check_margins`` is off."""
+    if not cfg.check_margins:
+        return pd.DataFrame(columns=[*SCREENER_KEYS, "margin", *CHECK_METRICS])
+    names = cfg.hit_windows if cfg.hit_windows is not None else list(cfg.windows)
+    columns = [*SCREENER_KEYS, "reduced_formula", "predicted_gap"]
+    near = [pd.read_parquet(state / f"{g.name}.near.parquet", columns=columns) for g in groups]
+    calls = pd.concat([pd.read_parquet(hits_path, columns=columns), *near], ignore_index=True)
+    sets = training[["experiment", "repeat", "training_set", "key", "band_gap"]]
+    return check_scores(
+        calls,
+        metrics[[*SCREENER_KEYS]],
+        sets.rename(columns={"key": "reduced_formula"}),
+        screen.labels(),
+        {name: cfg.windows[name] for name in names},
+        cfg.check_margins,
+    )
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:

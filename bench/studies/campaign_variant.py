@@ -215,6 +215,14 @@ def pipeline_lines(
         f"Against the pipeline's own screeners (`data/screening/metrics.parquet`, {experiment}, > 6 eV) on the "
         f"same repeats; the variant differs in {', '.join(changes) or 'nothing'} (mean ± std over repeats; "
         "the difference is paired by repeat, in percentage points; ahead: repeats where the variant is higher):",
+    ]
+    return lines + _paired_table(ours, stage, sets)
+
+
+def _paired_table(ours: pd.DataFrame, stage: pd.DataFrame, sets: list[str]) -> list[str]:
+    """A blank line, then the variant's recovery and precision against the pipeline's per training set,
+    paired on the (training_set, repeat) index both have; no row for a set without shared repeats."""
+    lines = [
         "",
         "| training set | repeats | recovery: variant | pipeline | difference | ahead | precision: variant | "
         "pipeline | difference | ahead |",
@@ -223,10 +231,9 @@ def pipeline_lines(
     shared = ours.index.intersection(stage.index)
     for training_set in sets:
         both = [key for key in shared if key[0] == training_set]
-        if not both:
-            continue
-        cells = paired_metric_cells(ours.loc[both], stage.loc[both], ["recovery", "precision"])
-        lines.append(f"| {training_set} | {len(both)} | " + " | ".join(cells) + " |")
+        if both:
+            cells = paired_metric_cells(ours.loc[both], stage.loc[both], ["recovery", "precision"])
+            lines.append(f"| {training_set} | {len(both)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -243,18 +250,9 @@ def kept_lines(rows: pd.DataFrame, kept: pd.DataFrame, experiment: str, sets: li
     lines = [
         "",
         "The same with each training set's own labels kept on both sides (`data/screening/labels_kept.parquet`):",
-        "",
-        "| training set | repeats | recovery: variant | pipeline | difference | ahead | precision: variant | "
-        "pipeline | difference | ahead |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    shared = ours.index.intersection(stage.index)
-    for training_set in sets:
-        both = [key for key in shared if key[0] == training_set]
-        if both:
-            cells = paired_metric_cells(ours.loc[both], stage.loc[both], ["recovery", "precision"])
-            lines.append(f"| {training_set} | {len(both)} | " + " | ".join(cells) + " |")
-    return lines if len(lines) > 5 else []  # the heading alone says nothing
+    table = _paired_table(ours, stage, sets)
+    return lines + table if len(table) > 3 else []  # the heading alone says nothing
 
 
 if __name__ == "__main__":

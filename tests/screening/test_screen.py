@@ -550,3 +550,70 @@ def test_labels_kept_replace_the_predictions_of_labelled_candidates(first, input
     summary = out["summary"]["labels_kept"]
     assert set(summary["table1"]) == set(kept["experiment"])
     assert "## With the training sets' labels kept" in out["report"]
+
+
+def test_a_check_of_the_near_misses_costs_labels_and_recovers_more(inputs, first, tmp_path):
+    margins = [0.25, 0.5]
+    out = tmp_path / "checked"
+    shutil.copytree(first, out)  # stored groups lack near-misses: every screener trains again
+    _run(inputs, out, TINY.model_copy(update={"check_margins": margins}))
+    check = pd.read_parquet(out / "check.parquet")
+    kept = pd.read_parquet(out / "labels_kept.parquet")
+    hits = pd.read_parquet(out / "hits.parquet")
+    assert len(check) == len(kept) * len(margins)
+    # the screeners are the same models (the option does not enter their training): same hits as before
+    pd.testing.assert_frame_equal(hits, pd.read_parquet(first / "hits.parquet"))
+    state = out / "state" / "groups"
+    near = pd.concat([pd.read_parquet(f) for f in sorted(state.glob("*.near.parquet"))], ignore_index=True)
+    assert len(near) > 0
+    windows = TINY.windows
+    for name, window in windows.items():
+        part = near[near.gap_window == name]["predicted_gap"].to_numpy()
+        wide = window.model_copy(
+            update={"low": window.low - 0.5, "high": None if window.high is None else window.high + 0.5}
+        )
+        assert window_mask(part, wide).all() and not window_mask(part, window).any()  # near, not inside
+
+    training, _ = read_training_sets(inputs["training_sets"])
+    cands = pd.read_parquet(inputs["candidates"])
+    screened = cands[cands["valid"]].reset_index(drop=True)
+    oracle_gap = load_oracle(inputs["oracle"]).label(screened["formula"].tolist()).gaps
+    oracle_of = dict(zip([formula_key(f) for f in screened["formula"]], oracle_gap, strict=True))
+    calls = pd.concat([hits, near], ignore_index=True)
+    for row in check.itertuples(index=False):
+        window = windows[row.gap_window]
+        truth = {k for k, g in oracle_of.items() if window_mask(np.array([g]), window)[0]}
+        own = training[(training.experiment == row.experiment) & (training.repeat == row.repeat)
+                       & (training.training_set == row.training_set) & training["key"].isin(oracle_of)]  # fmt: skip
+        labels = own.groupby("key")["band_gap"].mean()
+        mine = calls[(calls.experiment == row.experiment) & (calls.repeat == row.repeat)
+                     & (calls.training_set == row.training_set) & (calls.model == row.model)
+                     & (calls.gap_window == row.gap_window)]  # fmt: skip
+        low = window.low - row.margin
+        high = None if window.high is None else window.high + row.margin
+        inside = mine["predicted_gap"].gt(low) if not window.include_low else mine["predicted_gap"].ge(low)
+        if high is not None:
+            inside &= mine["predicted_gap"].le(high)
+        checked = set(mine.loc[inside, "reduced_formula"]) - set(labels.index)
+        listed = {k for k, g in labels.items() if window_mask(np.array([g]), window)[0]} | (checked & truth)
+        assert (row.n_checked, row.n_candidates, row.n_recovered) == (
+            len(checked),
+            len(listed),
+            len(listed & truth),
+        )
+    # a wider check costs more labels and never recovers less; both recover at least the labels-kept figure
+    wide = check.pivot_table(index=[*kept.columns[:5]], columns="margin", values=["n_checked", "n_recovered"])
+    assert (wide[("n_checked", 0.5)] >= wide[("n_checked", 0.25)]).all()
+    assert (wide[("n_recovered", 0.5)] >= wide[("n_recovered", 0.25)]).all()
+    assert (wide[("n_checked", 0.5)] > wide[("n_checked", 0.25)]).any()
+    base = kept.set_index(list(kept.columns[:5]))["n_recovered"]
+    assert (wide[("n_recovered", 0.25)] >= base.loc[wide.index]).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["check"]["Exp2"]["AL"]["forest"]["gt6"]) == {"0.25", "0.5"}
+    assert "## After checking the near-misses" in (out / "table1.md").read_text()
+    # off again: the check table is empty
+    _run(inputs, out)
+    assert pd.read_parquet(out / "check.parquet").empty
+    for bad in ([0.0], [0.5, 0.5], [float("nan")]):
+        with pytest.raises(ValueError, match="check_margins"):
+            ScreeningConfig(check_margins=bad)
