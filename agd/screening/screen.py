@@ -29,8 +29,8 @@ Outputs in ``out_dir``: ``metrics.parquet`` (catalog table ``screening_metrics``
 (each screener of the hit windows judged again with its own training set's labels in place of its
 predictions for the candidates that set labels), ``check.parquet`` (with ``screening.check_margins``: each
 such screener after the oracle checks what it calls in its widened windows; empty otherwise),
-``rejected_rows.csv`` (training rows that could not be
-used, with row number and reason) and ``summary.json``.
+``rejected_rows.csv`` (training rows that could not be used, with row number and reason) and
+``summary.json``.
 """
 
 from __future__ import annotations
@@ -921,9 +921,12 @@ def _store_group(
     state.mkdir(parents=True, exist_ok=True)
     hits = pa.concat_tables(item.hits) if item.hits else HITS_SCHEMA.empty_table()
     _write_parquet(hits, state / f"{item.group.name}.hits.parquet")
+    near_path = state / f"{item.group.name}.near.parquet"
     if check:
         near = pa.concat_tables(item.near) if item.near else NEAR_SCHEMA.empty_table()
-        _write_parquet(near, state / f"{item.group.name}.near.parquet")
+        _write_parquet(near, near_path)
+    else:  # near-misses of an earlier model of this group would not be this model's
+        near_path.unlink(missing_ok=True)
     predictions = pa.table(
         {"key": pa.array(pool["key"].tolist(), pa.string()), "predicted_gap": item.test_predictions}
     )

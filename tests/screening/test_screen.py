@@ -611,9 +611,9 @@ def test_a_check_of_the_near_misses_costs_labels_and_recovers_more(inputs, first
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["check"]["Exp2"]["AL"]["forest"]["gt6"]) == {"0.25", "0.5"}
     assert "## After checking the near-misses" in (out / "table1.md").read_text()
-    # off again: the check table is empty
+    # off again: the check table is empty, and the retrained screeners keep no near-misses of the old ones
     _run(inputs, out)
-    assert pd.read_parquet(out / "check.parquet").empty
+    assert pd.read_parquet(out / "check.parquet").empty and not list(state.glob("*.near.parquet"))
     for bad in ([0.0], [0.5, 0.5], [float("nan")]):
         with pytest.raises(ValueError, match="check_margins"):
             ScreeningConfig(check_margins=bad)
