@@ -1198,11 +1198,13 @@ def run_screening_stage(
 
     frame = metrics.to_pandas()
     table = aggregate_table1(frame, windows=list(cfg.windows))
-    kept = _labels_kept(frame, training, screen, out / "hits.parquet", cfg)
+    judging = _judging(training, screen, out / "hits.parquet", cfg)
+    kept = _labels_kept(frame, judging)
     _write_parquet(pa.Table.from_pandas(kept, preserve_index=False), out / "labels_kept.parquet")
     kept_table = aggregate_labels_kept(kept, windows=list(cfg.windows))
     kept_paired = paired_differences(kept)
-    checked = _checked(frame, training, screen, out / "hits.parquet", groups, groups_state, cfg)
+    checked = _checked(frame, judging, groups, groups_state, cfg)
+    del judging
     _write_parquet(pa.Table.from_pandas(checked, preserve_index=False), out / "check.parquet")
     check_table = aggregate_check(checked, windows=list(cfg.windows))
     _write_parquet(pa.Table.from_pandas(table, preserve_index=False), out / "table1.parquet")
@@ -1257,21 +1259,33 @@ def run_screening_stage(
     return _json_safe(summary)
 
 
-def _labels_kept(
-    metrics: pd.DataFrame, training: pd.DataFrame, screen: OracleScreen, hits_path: Path, cfg: ScreeningConfig
-) -> pd.DataFrame:
-    """Each screener of the hit windows judged with its training set's labels kept
-    (:func:`~agd.screening.metrics.labels_kept_scores`; training rows by their canonical key)."""
+@dataclass
+class _Judging:
+    """What the labels-kept and check tables read, read once: the hit windows, the training sets' labels
+    by canonical key, the oracle's label of each screened candidate, and the stored hits."""
+
+    windows: dict[str, Any]
+    sets: pd.DataFrame
+    oracle: pd.Series
+    hits: pd.DataFrame
+
+
+def _judging(training: pd.DataFrame, screen: OracleScreen, hits_path: Path, cfg: ScreeningConfig) -> _Judging:
     names = cfg.hit_windows if cfg.hit_windows is not None else list(cfg.windows)
-    hits = pd.read_parquet(hits_path, columns=[*SCREENER_KEYS, "reduced_formula"])
     sets = training[["experiment", "repeat", "training_set", "key", "band_gap"]]
-    scores = labels_kept_scores(
-        metrics,
-        hits,
+    return _Judging(
+        {name: cfg.windows[name] for name in names},
         sets.rename(columns={"key": "reduced_formula"}),
         screen.labels(),
-        {name: cfg.windows[name] for name in names},
-        strict=False,
+        pd.read_parquet(hits_path, columns=[*SCREENER_KEYS, "reduced_formula", "predicted_gap"]),
+    )
+
+
+def _labels_kept(metrics: pd.DataFrame, judging: _Judging) -> pd.DataFrame:
+    """Each screener of the hit windows judged with its training set's labels kept
+    (:func:`~agd.screening.metrics.labels_kept_scores`)."""
+    scores = labels_kept_scores(
+        metrics, judging.hits, judging.sets, judging.oracle, judging.windows, strict=False
     )
     if scores.empty:
         return pd.DataFrame(columns=[*SCREENER_KEYS, *LABELS_KEPT_METRICS])
@@ -1279,30 +1293,17 @@ def _labels_kept(
 
 
 def _checked(
-    metrics: pd.DataFrame,
-    training: pd.DataFrame,
-    screen: OracleScreen,
-    hits_path: Path,
-    groups: Sequence[Group],
-    state: Path,
-    cfg: ScreeningConfig,
+    metrics: pd.DataFrame, judging: _Judging, groups: Sequence[Group], state: Path, cfg: ScreeningConfig
 ) -> pd.DataFrame:
     """Each screener of the hit windows after the oracle checks its calls in the widened windows
     (:func:`~agd.screening.metrics.check_scores`); an empty table when ``check_margins`` is off."""
     if not cfg.check_margins:
         return pd.DataFrame(columns=[*SCREENER_KEYS, "margin", *CHECK_METRICS])
-    names = cfg.hit_windows if cfg.hit_windows is not None else list(cfg.windows)
-    columns = [*SCREENER_KEYS, "reduced_formula", "predicted_gap"]
+    columns = list(judging.hits.columns)
     near = [pd.read_parquet(state / f"{g.name}.near.parquet", columns=columns) for g in groups]
-    calls = pd.concat([pd.read_parquet(hits_path, columns=columns), *near], ignore_index=True)
-    sets = training[["experiment", "repeat", "training_set", "key", "band_gap"]]
+    calls = pd.concat([judging.hits, *near], ignore_index=True)
     return check_scores(
-        calls,
-        metrics[[*SCREENER_KEYS]],
-        sets.rename(columns={"key": "reduced_formula"}),
-        screen.labels(),
-        {name: cfg.windows[name] for name in names},
-        cfg.check_margins,
+        calls, metrics[[*SCREENER_KEYS]], judging.sets, judging.oracle, judging.windows, cfg.check_margins
     )
 
 

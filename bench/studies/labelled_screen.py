@@ -26,11 +26,10 @@ import pandas as pd
 
 from agd.config import GapWindowConfig, load_params
 from agd.screening import screen as S
-from agd.screening.metrics import describe_window, labels_kept_scores, window_mask
+from agd.screening.metrics import SCREENER_KEYS, describe_window, labels_kept_scores, window_mask
 from bench.studies.screener_threshold import paired_metric_cells
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUP = ["experiment", "repeat", "training_set", "model", "gap_window"]
 
 
 def report_lines(scores: pd.DataFrame, windows: dict[str, GapWindowConfig]) -> list[str]:
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     screened = S.oracle_screen(candidates, root / "models/oracle", out / "state", cfg, progress=False)
     oracle = screened.labels()
     metrics = pd.read_parquet(out / "metrics.parquet")
-    hits = pd.read_parquet(out / "hits.parquet", columns=[*GROUP, "reduced_formula"])
+    hits = pd.read_parquet(out / "hits.parquet", columns=[*SCREENER_KEYS, "reduced_formula"])
     sets = pd.read_parquet(root / "data/experiments/training_sets.parquet")
     scores = labels_kept_scores(metrics, hits, sets, oracle, windows)
     lines = [
