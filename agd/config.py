@@ -442,6 +442,15 @@ class AcquisitionConfig(_Section):
         return self
 
 
+class SurrogateForestConfig(_Section):
+    """The random forest that ranks a library campaign's candidates (``surrogate: forest``)."""
+
+    n_estimators: int = Field(100, ge=2, description="trees; their spread is the std the acquisition reads")
+    max_features: float = Field(0.3, gt=0, le=1, description="fraction of the 132 Magpie features per split")
+    min_samples_leaf: int = Field(2, ge=1)
+    n_jobs: int = Field(1, ge=1, description="threads for fitting and predicting (campaigns run in parallel)")
+
+
 class CampaignConfig(_Section):
     """One active-learning campaign: batch size, what may be suggested and what gets registered."""
 
@@ -505,12 +514,23 @@ class CampaignConfig(_Section):
         "is a candidate; the random control draws random candidates; needs the candidate table and the batch "
         "method, and polishing is off)",
     )
+    surrogate: Literal["gp", "forest"] = Field(
+        "gp",
+        description="the model the acquisition reads: a GP on the latents (gp, the paper), or a random forest on "
+        "the Magpie features of the formulas that ranks every library member each round, its trees' spread as "
+        "the std (forest; needs search: candidates)",
+    )
+    surrogate_forest: SurrogateForestConfig = SurrogateForestConfig()
     acquisition: AcquisitionConfig = AcquisitionConfig()
 
     @model_validator(mode="after")
     def _candidates_need_the_batch_method(self) -> CampaignConfig:
         if self.search == "candidates" and self.acquisition.method != "batch":
             raise ValueError("search: candidates needs acquisition.method: batch")
+        if self.surrogate == "forest" and self.search != "candidates":
+            raise ValueError(
+                "surrogate: forest ranks the members of the candidate library: it needs search: candidates"
+            )
         return self
 
     @model_validator(mode="after")

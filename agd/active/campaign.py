@@ -106,7 +106,7 @@ class CampaignStateError(RuntimeError):
 
 
 #: campaign settings added after state tables were first written, and the value that turns each off
-LATE_SETTINGS = {"max_per_system": None, "cap_within_round": False, "search": "latent"}
+LATE_SETTINGS = {"max_per_system": None, "cap_within_round": False, "search": "latent", "surrogate": "gp"}
 
 
 def late_settings_off(cfg: CampaignConfig) -> set[str]:
@@ -120,6 +120,8 @@ def late_exclusions(cfg: CampaignConfig, keep: Collection[str] = ()) -> dict:
     """``model_dump``'s ``exclude`` for hashing ``cfg``: the late settings left off (but those in ``keep``),
     and the acquisition's ``level``, added later and read by the straddle only."""
     exclude: dict = {name: True for name in late_settings_off(cfg) - set(keep)}
+    if cfg.surrogate == "gp":  # the forest's settings mean nothing to a GP campaign
+        exclude["surrogate_forest"] = True
     if cfg.acquisition.function != "straddle":
         exclude["acquisition"] = {"level"}
     return exclude
@@ -405,13 +407,7 @@ class Campaign:
         if self.chemistry.library is not None:  # members can lie outside the training latents' box
             self.bounds = covering_box(self.bounds, self.chemistry.library.box().T)
         registered = table[np.isfinite(table["registered_value"].to_numpy(dtype=float))]
-        optimizer = make_optimizer(
-            self.bounds,
-            self.cfg.acquisition,
-            np.stack(registered["latent"].to_numpy()),
-            registered["registered_value"].to_numpy(dtype=float),
-            source=self.chemistry.source(),
-        )
+        optimizer = self._optimizer(registered)
         known = set(table.loc[table["fate"].isin([INITIAL, REGISTERED]), "reduced_formula"].dropna())
         used = int((table["round"] > 0).sum())
         if (used >= self.spec.budget or done >= self.max_rounds) and on_round is not None:
@@ -435,6 +431,21 @@ class Campaign:
         if bar is not None:
             bar.close()
         return table
+
+    def _optimizer(self, registered: pd.DataFrame) -> LatentOptimizer:
+        """The optimiser with the registered rows of the table: a latent GP, or the library's forest (a
+        random control only registers its draws, which the GP's bookkeeping does at no cost)."""
+        x = np.stack(registered["latent"].to_numpy())
+        y = registered["registered_value"].to_numpy(dtype=float)
+        if self.cfg.surrogate == "forest" and self.spec.method == "bo":
+            from agd.active.surrogate import ForestOptimizer
+
+            formulas = registered["reduced_formula"].astype(object).to_numpy()
+            return ForestOptimizer(
+                self.bounds, self.chemistry.library, self.cfg.surrogate_forest, self.cfg.acquisition, x, y,
+                [str(f) for f in formulas],
+            )  # fmt: skip
+        return make_optimizer(self.bounds, self.cfg.acquisition, x, y, source=self.chemistry.source())
 
     def _round(
         self, round_: int, n: int, optimizer: LatentOptimizer, known: set[str], table: pd.DataFrame

@@ -54,12 +54,25 @@ class CandidateLibrary:
         self.latents = latents
         self.digest = digest
         self._sq = np.einsum("ij,ij->i", latents, latents)
+        self._features: tuple[np.ndarray, np.ndarray] | None = None
         self._index: dict[int, int] = {}
         for i, row in enumerate(latents):
             self._index.setdefault(hash(row.tobytes()), i)
 
     def __len__(self) -> int:
         return len(self.formulas)
+
+    def features(self) -> tuple[np.ndarray, np.ndarray]:
+        """Magpie features of every member (float32, computed on first use and kept) and a mask of the
+        members that could be featurised: what a forest surrogate ranks (:mod:`agd.active.surrogate`)."""
+        if self._features is None:
+            from agd.active.surrogate import magpie_rows
+
+            features, ok = magpie_rows([str(f) for f in self.formulas])
+            if not ok.all():
+                log.warning("%d of %d library members cannot be featurised", int((~ok).sum()), len(ok))
+            self._features = (features, ok)
+        return self._features
 
     @property
     def dim(self) -> int:

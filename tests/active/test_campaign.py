@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -455,17 +456,13 @@ def test_a_cap_within_round_counts_the_rounds_own_picks(parts, tmp_path):
 
 def test_a_late_setting_left_off_keeps_the_mlflow_key_of_earlier_runs():
     cfg = ExperimentsConfig.model_validate({"campaign": {"max_per_system": 2}})
-    # the settings as an agd without cap_within_round and search wrote them
-    older = (
-        cfg.model_dump_json()
-        .replace(',"cap_within_round":false', "")
-        .replace(',"search":"latent"', "")
-        .replace(',"level":6.0', "")
-    )
+    older = _without_late_settings(cfg.model_dump_json())
     assert older != cfg.model_dump_json() and '"search"' not in older and '"level"' not in older
+    assert '"surrogate' not in older
     assert settings_key(cfg) == hashlib.sha256(older.encode()).hexdigest()[:12]
     straddle = cfg.campaign.acquisition.model_copy(update={"function": "straddle"})
-    for late in ({"cap_within_round": True}, {"search": "candidates"}, {"acquisition": straddle}):
+    forest = {"search": "candidates", "surrogate": "forest"}
+    for late in ({"cap_within_round": True}, {"search": "candidates"}, {"acquisition": straddle}, forest):
         turned_on = cfg.model_copy(update={"campaign": cfg.campaign.model_copy(update=late)})
         assert settings_key(turned_on) != settings_key(cfg)
     # max_per_system was part of the key from the start, null included
@@ -473,14 +470,15 @@ def test_a_late_setting_left_off_keeps_the_mlflow_key_of_earlier_runs():
     assert '"max_per_system":null' in uncapped.model_dump_json()
     assert (
         settings_key(uncapped)
-        == hashlib.sha256(
-            uncapped.model_dump_json()
-            .replace(',"cap_within_round":false', "")
-            .replace(',"search":"latent"', "")
-            .replace(',"level":6.0', "")
-            .encode()
-        ).hexdigest()[:12]
+        == hashlib.sha256(_without_late_settings(uncapped.model_dump_json()).encode()).hexdigest()[:12]
     )
+
+
+def _without_late_settings(dump: str) -> str:
+    """The settings as an agd without cap_within_round, search, the straddle's level and the surrogate wrote them."""
+    dump = dump.replace(',"cap_within_round":false', "").replace(',"search":"latent"', "")
+    dump = re.sub(r',"surrogate":"gp","surrogate_forest":\{[^}]*\}', "", dump)
+    return dump.replace(',"level":6.0', "")
 
 
 def test_a_system_cap_needs_accept_rules():

@@ -56,6 +56,21 @@ def _campaign(parts, path, method="bo", cfg=None, seed=7) -> Campaign:
     return Campaign(spec, cfg or _cfg(), chemistry, oracle, initial, path)
 
 
+def _cut_and_resume(parts, path, cfg: CampaignConfig) -> pd.DataFrame:
+    """A campaign stopped after its first round, then run again to its end: the resumed table."""
+
+    class Stop(Exception):
+        pass
+
+    def stop(round_, _table):
+        if round_ == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _campaign(parts, path, cfg=cfg).run(on_round=stop, progress=False)
+    return _campaign(parts, path, cfg=cfg).run(progress=False)
+
+
 def test_nearest_members_match_a_full_sort_across_blocks(monkeypatch):
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((1000, 6)).astype(np.float32)
@@ -112,17 +127,7 @@ def test_a_library_campaign_suggests_only_new_valid_members(parts, tmp_path):
 
 def test_a_library_campaign_resumes_to_the_same_table_and_its_control_draws_members(parts, tmp_path):
     whole = _campaign(parts, tmp_path / "whole.parquet").run(progress=False)
-
-    class Stop(Exception):
-        pass
-
-    def stop(round_, _table):
-        if round_ == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        _campaign(parts, tmp_path / "cut.parquet").run(on_round=stop, progress=False)
-    resumed = _campaign(parts, tmp_path / "cut.parquet").run(progress=False)
+    resumed = _cut_and_resume(parts, tmp_path / "cut.parquet", _cfg())
     a, b = whole.drop(columns=TIMING), resumed.drop(columns=TIMING)
     assert a.drop(columns="latent").equals(b.drop(columns="latent"))
 
@@ -221,3 +226,82 @@ def test_experiments_in_worker_processes_equal_one_process_and_share_the_cached_
     params = params_from_dict(raw)
     with pytest.raises(ValueError, match="--candidates"):
         run_experiments(*args, tmp_path / "none", params, track=False, progress=False)
+
+
+FOREST = {"surrogate": "forest", "surrogate_forest": {"n_estimators": 20}}
+
+
+def test_a_forest_campaign_suggests_new_valid_members_and_resumes_to_the_same_table(parts, tmp_path):
+    chemistry = parts[0]
+    cfg = _cfg(**FOREST)
+    whole = _campaign(parts, tmp_path / "whole.parquet", cfg=cfg).run(progress=False)
+    suggested = whole[whole["round"] > 0]
+    assert len(suggested) == 15 and (suggested["fate"] == REGISTERED).all() and suggested["valid"].all()
+    assert suggested["reduced_formula"].is_unique
+    assert not suggested["reduced_formula"].isin(whole.loc[whole["fate"] == INITIAL, "reduced_formula"]).any()
+    index = chemistry.library.lookup(np.stack(suggested["latent"].to_numpy()))
+    assert (index >= 0).all() and list(chemistry.library.formulas[index]) == suggested["formula"].tolist()
+    # UCB over the trees: the value at which each was picked is mean + kappa * spread
+    assert np.allclose(suggested["acquisition"], suggested["gp_mean"] + 2.576 * suggested["gp_std"])
+    assert (suggested["gp_std"] > 0).any()
+    resumed = _cut_and_resume(parts, tmp_path / "cut.parquet", cfg)
+    assert whole.drop(columns=TIMING + ["latent"]).equals(resumed.drop(columns=TIMING + ["latent"]))
+    gp = _campaign(parts, tmp_path / "gp.parquet").run(progress=False)
+    assert set(gp.loc[gp["round"] > 0, "formula"]) != set(suggested["formula"])
+    # the random control of a forest experiment draws members as any control does
+    control = _campaign(parts, tmp_path / "r.parquet", method="random", cfg=cfg).run(progress=False)
+    drawn = control[control["round"] > 0]
+    assert len(drawn) == 15 and set(drawn["formula"]) <= set(chemistry.library.formulas)
+    assert drawn["acquisition"].isna().all()
+
+
+def test_the_forest_ranks_the_library_by_its_prediction_and_beats_a_random_pick(parts):
+    """With kappa 0 the picks are the members of largest forest mean; those have larger oracle gaps than
+    the library's average (the forest learned something from 40 labels)."""
+    from agd.active.surrogate import ForestOptimizer
+
+    chemistry, oracle, initial = parts
+    library = chemistry.library
+    x = chemistry.autoencoder.encode_formulas(initial["reduced_formula"].tolist())
+    forest = _cfg(**FOREST).surrogate_forest
+    acq = AcquisitionConfig(kappa=0.0, seed=5)
+    args = (
+        None,
+        library,
+        forest,
+        acq,
+        x,
+        initial["band_gap"].to_numpy(),
+        initial["reduced_formula"].tolist(),
+    )
+    optimizer = ForestOptimizer(*args)
+    picked = optimizer.suggest(10)
+    features, ok = library.features()
+    mean, _ = optimizer.predict(optimizer.fit(), features)  # the same seed: the same forest
+    mean[~ok | np.isin(library.formulas, initial["reduced_formula"])] = -np.inf
+    assert np.array_equal(library.lookup(picked.x), np.argsort(-mean, kind="stable")[:10])
+    assert np.allclose(picked.mean, picked.acquisition)
+    gaps = oracle.label(list(library.formulas)).gaps
+    assert np.nanmean(gaps[library.lookup(picked.x)]) > np.nanmean(gaps) + 0.5
+    # registering the picks takes them out of the next round, and a non-member cannot be registered
+    optimizer.register(picked.x, gaps[library.lookup(picked.x)])
+    again = optimizer.suggest(10)
+    assert not set(library.lookup(again.x)) & set(library.lookup(picked.x)) and len(optimizer) == len(x) + 10
+    with pytest.raises(ValueError, match="not library members"):
+        optimizer.register(x[:1] + 1.0, [1.0])
+
+
+def test_the_forest_surrogate_needs_the_library_and_leaves_gp_fingerprints_alone(parts):
+    with pytest.raises(ValueError, match="search: candidates"):
+        CampaignConfig.model_validate({"surrogate": "forest"})
+    initial = parts[2]
+    spec = CampaignSpec("T-bo", "T", 0, "bo", 5, 2.576, 1)
+    gp = spec.fingerprint(_cfg(), initial, "lib")
+    # a GP campaign's fingerprint ignores the forest's settings (stored tables stay valid) ...
+    assert spec.fingerprint(_cfg(surrogate_forest={"n_estimators": 7}), initial, "lib") == gp
+    # ... and a forest campaign's depends on them
+    forest = spec.fingerprint(_cfg(**FOREST), initial, "lib")
+    assert forest != gp
+    assert (
+        spec.fingerprint(_cfg(**FOREST | {"surrogate_forest": {"n_estimators": 7}}), initial, "lib") != forest
+    )
