@@ -449,6 +449,15 @@ class SurrogateForestConfig(_Section):
     max_features: float = Field(0.3, gt=0, le=1, description="fraction of the 132 Magpie features per split")
     min_samples_leaf: int = Field(2, ge=1)
     n_jobs: int = Field(1, ge=1, description="threads for fitting and predicting (campaigns run in parallel)")
+    shortlist: int | None = Field(
+        None,
+        ge=1,
+        description="members each round ranks: the best this many of the last full ranking (None: every member, "
+        "each round)",
+    )
+    refresh: int = Field(
+        200, ge=1, description="with a shortlist: registered points between two full rankings of the library"
+    )
 
 
 class CampaignConfig(_Section):

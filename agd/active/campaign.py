@@ -122,6 +122,8 @@ def late_exclusions(cfg: CampaignConfig, keep: Collection[str] = ()) -> dict:
     exclude: dict = {name: True for name in late_settings_off(cfg) - set(keep)}
     if cfg.surrogate == "gp":  # the forest's settings mean nothing to a GP campaign
         exclude["surrogate_forest"] = True
+    elif cfg.surrogate_forest.shortlist is None:  # added later; refresh means nothing without a shortlist
+        exclude["surrogate_forest"] = {"shortlist", "refresh"}
     if cfg.acquisition.function != "straddle":
         exclude["acquisition"] = {"level"}
     return exclude
@@ -443,7 +445,7 @@ class Campaign:
             formulas = registered["reduced_formula"].astype(object).to_numpy()
             return ForestOptimizer(
                 self.bounds, self.chemistry.library, self.cfg.surrogate_forest, self.cfg.acquisition, x, y,
-                [str(f) for f in formulas],
+                [str(f) for f in formulas], n_initial=int((registered["fate"] == INITIAL).sum()),
             )  # fmt: skip
         return make_optimizer(self.bounds, self.cfg.acquisition, x, y, source=self.chemistry.source())
 

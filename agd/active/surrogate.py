@@ -13,10 +13,17 @@ Why: a GP on 128 latent dimensions learns little about band gaps from 1,000-2,00
 GP campaigns of ``params.yaml`` label about 166 of the oracle's 472 hits per 1,000 suggestions),
 while the same features that the screening forests use generalise across chemistries.
 
+Ranking the whole library takes most of a round (about 8 s of 10 here). With
+``surrogate_forest.shortlist`` the whole library is ranked only every ``refresh`` registered points, and
+the rounds in between rank again, with their own forest, the best ``shortlist`` members of that ranking
+(the whole library when the list cannot fill a batch): 3 s a round instead of 10, and about as many hits
+(``reports/campaign_surrogate_forest_shortlist.md``).
+
 Like :class:`~agd.active.acquisition.BatchOptimizer`, the optimiser's state is its registered
 ``(x, y)`` (latents and values, in order) plus the formulas of points that are not library members
 (the initial samples); the forest's seed is ``(seed, number of registered points)``, so a campaign
-resumed from its table suggests what the uninterrupted one would have.
+resumed from its table suggests what the uninterrupted one would have (a shortlist's forest is rebuilt
+from the first points registered).
 """
 
 from __future__ import annotations
@@ -87,6 +94,7 @@ class ForestOptimizer:
         x: ArrayLike,
         y: ArrayLike,
         formulas: list[str],
+        n_initial: int = 0,
     ) -> None:
         self.bounds = np.asarray(bounds, dtype=np.float64)
         self.library = library
@@ -112,8 +120,12 @@ class ForestOptimizer:
             )
         self._x, self._y = x, y
         self._features, self._fits = features, ok
-        members = library.lookup(x)
-        self._taken[members[members >= 0]] = True  # initial samples that are members are not suggested
+        self._members = library.lookup(x)  # each registered point's member index (-1: not a member)
+        self._taken[self._members[self._members >= 0]] = True  # initial members are not suggested
+        if not 0 <= n_initial <= len(y):
+            raise ValueError(f"n_initial must lie in [0, {len(y)}], got {n_initial}")
+        self.n_initial = n_initial
+        self._shortlist: tuple[int, np.ndarray] | None = None  # (refresh count, member indices)
 
     @property
     def registered_x(self) -> np.ndarray:
@@ -142,13 +154,16 @@ class ForestOptimizer:
         self._y = np.concatenate([self._y, y])
         self._features = np.concatenate([self._features, self._member_features[index]])
         self._fits = np.concatenate([self._fits, self._member_ok[index]])
+        self._members = np.concatenate([self._members, index])
         self._taken[index] = True
 
-    def fit(self) -> RandomForestRegressor:
-        """The forest on every registered point that could be featurised, seeded by (seed, n registered)."""
+    def fit(self, n: int | None = None) -> RandomForestRegressor:
+        """The forest on the first ``n`` registered points (all by default) that could be featurised,
+        seeded by ``(seed, n)``: the forest of any earlier round can be rebuilt exactly."""
         from sklearn.ensemble import RandomForestRegressor
 
-        seed = int(np.random.SeedSequence([self.config.seed, len(self)]).generate_state(1)[0])
+        n = len(self) if n is None else n
+        seed = int(np.random.SeedSequence([self.config.seed, n]).generate_state(1)[0])
         model = RandomForestRegressor(
             n_estimators=self.forest.n_estimators,
             max_features=self.forest.max_features,
@@ -156,7 +171,31 @@ class ForestOptimizer:
             n_jobs=self.forest.n_jobs,
             random_state=seed,
         )
-        return model.fit(self._features[self._fits], self._y[self._fits])
+        fits = self._fits[:n]
+        return model.fit(self._features[:n][fits], self._y[:n][fits])
+
+    def shortlist(self, model: RandomForestRegressor | None = None) -> np.ndarray | None:
+        """The members a round ranks with ``surrogate_forest.shortlist`` set (None: all of them).
+
+        The whole library is ranked at every ``refresh`` registered points after the initial ones, by
+        the forest of that moment (rebuilt from the first points when a campaign resumes), and its
+        ``shortlist`` best unregistered members are kept until the next refresh; each round ranks them
+        again with its own forest, and ranks the whole library when the list cannot fill its batch."""
+        size = self.forest.shortlist
+        if size is None or size >= len(self.library):
+            return None
+        count = (len(self) - self.n_initial) // self.forest.refresh
+        if self._shortlist is None or self._shortlist[0] != count:
+            n = self.n_initial + count * self.forest.refresh
+            refit = model if model is not None and n == len(self) else self.fit(n)  # ``model``: this round's
+            mean, std = self.predict(refit, self._member_features)
+            scores = _scores(make_acquisition(self.config), mean, std, float(np.max(self._y[:n])))
+            members = self._members[:n]
+            scores[members[members >= 0]] = -np.inf
+            scores[~self._member_ok] = -np.inf
+            top = np.argpartition(-scores, size - 1)[:size]
+            self._shortlist = (count, np.sort(top[np.isfinite(scores[top])]))
+        return self._shortlist[1]
 
     def predict(self, model: RandomForestRegressor, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std over the trees at each row of ``features`` (float32), in blocks."""
@@ -171,6 +210,20 @@ class ForestOptimizer:
                 std[start : start + len(block)] = per_tree.std(axis=0)
         return mean, std
 
+    def _ranked(
+        self, model: RandomForestRegressor, rows: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Mean, std and acquisition score of every member under ``model``; only ``rows`` are
+        predicted when given (the others score -inf), and registered members score -inf."""
+        if rows is None:
+            mean, std = self.predict(model, self._member_features)
+        else:
+            mean, std = np.full(len(self.library), np.nan), np.full(len(self.library), np.nan)
+            mean[rows], std[rows] = self.predict(model, self._member_features[rows])
+        scores = _scores(self.acquisition, mean, std, float(np.max(self._y)))
+        scores[self._taken | ~self._member_ok] = -np.inf
+        return mean, std, scores
+
     def suggest(self, n: int, accept: AcceptFn | None = None, quota: Quota | None = None) -> Suggestions:
         """The ``n`` best-scoring members that ``accept`` lets through (none registered before)."""
         if n < 1:
@@ -179,9 +232,8 @@ class ForestOptimizer:
         model = self.fit()
         fit_s, fit_cpu = time.perf_counter() - wall, time.process_time() - cpu
         wall, cpu = time.perf_counter(), time.process_time()
-        mean, std = self.predict(model, self._member_features)
-        scores = _scores(self.acquisition, mean, std, float(np.max(self._y)))
-        scores[self._taken | ~self._member_ok] = -np.inf
+        rows = self.shortlist(model)
+        mean, std, scores = self._ranked(model, rows)
         gate = _AcceptGate(accept, self.config.accept_chunk, quota) if accept is not None else None
         status = np.zeros(len(scores), dtype=np.int8)  # 0 unchecked, 1 accepted, -1 refused
         picks: list[int] = []
@@ -192,6 +244,11 @@ class ForestOptimizer:
                 i = i if np.isfinite(scores[i]) else None
             else:
                 i = gate.best(scores, status, self.library.latents)
+            if i is None and rows is not None:  # the list ran out: rank the whole library this once
+                rows = None
+                mean, std, scores = self._ranked(model, None)
+                scores[picks] = -np.inf
+                continue
             if i is None:
                 break
             picks.append(i)

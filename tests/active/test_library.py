@@ -305,3 +305,46 @@ def test_the_forest_surrogate_needs_the_library_and_leaves_gp_fingerprints_alone
     assert (
         spec.fingerprint(_cfg(**FOREST | {"surrogate_forest": {"n_estimators": 7}}), initial, "lib") != forest
     )
+
+
+def test_a_shortlist_of_the_whole_library_changes_nothing_and_a_short_one_resumes_exactly(parts, tmp_path):
+    """shortlist >= the library is the full ranking; a short list, refreshed every 5 points, is a pure
+    function of the registered points: a resumed campaign equals an uninterrupted one."""
+    chemistry = parts[0]
+    full = _campaign(parts, tmp_path / "full.parquet", cfg=_cfg(**FOREST)).run(progress=False)
+    whole_library = _cfg(**FOREST | {"surrogate_forest": {"n_estimators": 20, "shortlist": 10**6}})
+    same = _campaign(parts, tmp_path / "same.parquet", cfg=whole_library).run(progress=False)
+    assert full.drop(columns=TIMING + ["latent"]).equals(same.drop(columns=TIMING + ["latent"]))
+
+    # one list of 12 for the whole budget of 15: rounds 1-2 take from it, round 3 finds it short
+    short = _cfg(**FOREST | {"surrogate_forest": {"n_estimators": 20, "shortlist": 12, "refresh": 15}})
+    whole = _campaign(parts, tmp_path / "whole.parquet", cfg=short).run(progress=False)
+    resumed = _cut_and_resume(parts, tmp_path / "cut.parquet", short)
+    assert whole.drop(columns=TIMING + ["latent"]).equals(resumed.drop(columns=TIMING + ["latent"]))
+    assert (whole["round"] > 0).sum() == 15 and whole["round"].max() == 3
+    assert set(whole["formula"]) != set(full["formula"])  # a stale list is a real restriction
+    # the picks of rounds 1-2 lie in the list: the best 12 unregistered members by the initial forest
+    from agd.active.surrogate import ForestOptimizer
+
+    initial = whole[whole["round"] == 0]
+    suggested = whole[whole["round"] > 0]
+    x, y = np.stack(whole["latent"].to_numpy()), whole["registered_value"].to_numpy()
+    acq = AcquisitionConfig.model_validate(LIBRARY_ACQ | {"seed": 7})
+    optimizer = ForestOptimizer(
+        None, chemistry.library, short.surrogate_forest, acq, x[: len(initial)], y[: len(initial)],
+        initial["reduced_formula"].tolist(), n_initial=len(initial),
+    )  # fmt: skip
+    listed = set(optimizer.shortlist())
+    picked = chemistry.library.lookup(np.stack(suggested["latent"].to_numpy()))
+    rounds = suggested["round"].to_numpy()
+    assert len(listed) == 12 and set(picked[rounds <= 2]) <= listed
+    assert not set(picked[rounds == 3]) <= listed  # the short round ranked the whole library
+
+
+def test_the_shortlist_settings_stay_out_of_a_full_ranking_fingerprint(parts):
+    spec, initial = CampaignSpec("T-bo", "T", 0, "bo", 5, 2.576, 1), parts[2]
+    full = spec.fingerprint(_cfg(**FOREST), initial, "lib")
+    refresh_only = _cfg(**FOREST | {"surrogate_forest": {"n_estimators": 20, "refresh": 7}})
+    assert spec.fingerprint(refresh_only, initial, "lib") == full  # no shortlist: refresh is moot
+    listed = _cfg(**FOREST | {"surrogate_forest": {"n_estimators": 20, "shortlist": 50}})
+    assert spec.fingerprint(listed, initial, "lib") != full
