@@ -437,3 +437,30 @@ def test_labelled_screen_calls_a_sets_own_candidates_by_their_labels() -> None:
     assert line == "| Exp2 | AL | 1 | 2.0 | 1.0 | 33.3 | 0.0 | +33.3 | 1 of 1 | 50.0 | 0.0 | +50.0 | 1 of 1 |"
     with pytest.raises(ValueError, match="different runs"):
         labelled_scores(metrics.assign(n_candidates=[3, 0]), hits, sets, oracle, windows)
+
+
+def test_campaign_variant_folder_takes_spelt_out_defaults_and_refuses_other_settings(tmp_path) -> None:
+    from bench.studies.campaign_variant import LINKED, prepare_folder
+
+    root = tmp_path / "project"
+    for relative in LINKED:  # empty stand-ins: the folder only links them
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text("")
+    folder = tmp_path / "variant"
+    params = {"experiments": {"campaign": {"surrogate": "forest", "search": "candidates"}}}
+    path = prepare_folder(root, folder, params)
+    assert (folder / "models/oracle").is_symlink()
+    # the same settings with a default spelt out (as params.yaml now names surrogate_forest) still match
+    spelt = {
+        "experiments": {
+            "campaign": params["experiments"]["campaign"] | {"surrogate_forest": {"n_estimators": 100}}
+        }
+    }
+    assert prepare_folder(root, folder, spelt) == path
+    other = {
+        "experiments": {
+            "campaign": params["experiments"]["campaign"] | {"surrogate_forest": {"n_estimators": 7}}
+        }
+    }
+    with pytest.raises(SystemExit, match="other settings"):
+        prepare_folder(root, folder, other)

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from agd.config import CampaignConfig, load_params
+from agd.config import CampaignConfig, load_params, params_from_dict
 from bench.studies.pipeline_diff import campaign_lines, campaign_stats
 from bench.studies.screener_threshold import paired_metric_cells
 
@@ -80,11 +80,17 @@ def prepare_folder(root: Path, folder: Path, params: dict) -> Path:
             continue
         link.symlink_to(source.resolve(), target_is_directory=source.is_dir())
     path = folder / "params.yaml"
-    if path.is_file() and yaml.safe_load(path.read_text()) != params:
+    # compared as validated settings, so a params.yaml that spells out a default does not refuse the folder
+    if path.is_file() and _settings(yaml.safe_load(path.read_text())) != _settings(params):
         raise SystemExit(f"{path} holds other settings: use another --name, or delete {folder}")
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     load_params(path)  # the same validation as the pipeline's params.yaml
     return path
+
+
+def _settings(params: dict) -> dict:
+    """``params`` as the pipeline reads them: validated, every default filled in."""
+    return params_from_dict(params).model_dump(mode="json")
 
 
 def main(argv: list[str] | None = None) -> int:
