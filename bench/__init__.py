@@ -124,6 +124,15 @@ def _screening(options: BenchOptions) -> Section:
 BENCHMARKS["screening"] = _screening
 
 
+def _surrogate(options: BenchOptions) -> Section:
+    from bench.surrogate import run
+
+    return run(options)
+
+
+BENCHMARKS["surrogate"] = _surrogate
+
+
 def package_version(name: str) -> str:
     """Installed version of a distribution, or 'absent'."""
     try:

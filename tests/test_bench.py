@@ -26,6 +26,7 @@ from bench import (
 )
 from bench import generation as generation_bench
 from bench import oracle as oracle_bench
+from bench import surrogate as surrogate_bench
 from bench import validity as validity_bench
 from bench.__main__ import main
 from bench.suite import SUMMARY, run_all, suite_options
@@ -118,6 +119,34 @@ def test_validity_bench_agrees_with_smact_on_real_formulas(shared_data, monkeypa
     agreement = section.targets[0]
     assert agreement.met is True and agreement.measured.startswith("0 of 460")
     assert "Materials Project formulas" in section.body
+
+
+def test_surrogate_bench_times_full_refresh_and_list_rounds(shared_data, monkeypatch) -> None:
+    # the shared MP formulas (a 5,000-member sample), not this clone's generated candidates
+    monkeypatch.setattr(surrogate_bench, "CANDIDATES", shared_data / "absent.parquet")
+    section = surrogate_bench.run(BenchOptions(sizes=[40, 80], repeats=1, quick=True))
+    rows = table(section.body, "registered")
+    assert [(number(r["registered"]), r["round"]) for r in rows] == [
+        (n, kind) for n in (40, 80) for kind in ("full", "refresh", "list")
+    ]
+    library = surrogate_bench.QUICK_LIBRARY
+    for row in rows:
+        n = number(row["registered"])
+        assert row["suggested"] == "20"
+        assert 0 < number(row["forest fit s"]) <= number(row["wall s / round"])
+        # a full round scores every unregistered member, the others only the shortlist
+        expected = library - n if row["round"] == "full" else surrogate_bench.QUICK_SHORTLIST
+        assert number(row["members scored"]) == expected
+    assert "Materials Project formulas" in section.body
+    (target,) = section.targets
+    assert target.met is None and "2,000 not measured" in target.measured  # judged only at 2,000 points
+
+
+def test_surrogate_bench_skips_without_formulas(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(surrogate_bench, "CANDIDATES", tmp_path / "absent.parquet")
+    monkeypatch.setattr(surrogate_bench, "FALLBACK", tmp_path / "absent.csv")
+    with pytest.raises(Skipped, match="neither"):
+        surrogate_bench.run(BenchOptions(sizes=[40], repeats=1, quick=True))
 
 
 @pytest.fixture(scope="module")
