@@ -671,6 +671,13 @@ class ScreeningConfig(_Section):
         "not label: what the check costs and recovers. Each screener then stores its near-misses too "
         "([]: off; setting it retrains every screener)",
     )
+    domain_min_rows: list[int] = Field(
+        default_factory=list,
+        description="for each k, Table 1 again (the model alone, and with the set's labels kept) without the "
+        "model's calls on candidates one of whose elements occurs in fewer than k rows of the screener's "
+        "training set: an applicability domain by element. Read from the stored hits, so setting it "
+        "retrains nothing ([]: off)",
+    )
     valid_only: bool = Field(
         True, description="screen only charge-neutral, electronegativity-balanced candidates"
     )
@@ -710,6 +717,12 @@ class ScreeningConfig(_Section):
         bad = [m for m in self.check_margins if not (m > 0 and math.isfinite(m))]
         if bad or len(set(self.check_margins)) != len(self.check_margins):
             raise ValueError(f"check_margins {self.check_margins}: give distinct positive numbers of eV")
+        if any(k < 1 for k in self.domain_min_rows) or len(set(self.domain_min_rows)) != len(
+            self.domain_min_rows
+        ):
+            raise ValueError(
+                f"domain_min_rows {self.domain_min_rows}: give distinct positive numbers of rows"
+            )
         return self
 
 

@@ -150,6 +150,13 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
         kept, on=["experiment", "repeat", "training_set", "model", "gap_window"], suffixes=("", "_kept")
     )
     assert (joined["n_recovered"] >= joined["n_recovered_kept"]).all()
+    # ... and scores each screener again within its element domain: a stricter domain lists no more
+    domain = pd.read_parquet(project / "data" / "screening" / "domain.parquet")
+    assert len(domain) == 2 * len(kept) and sorted(domain["min_rows"].unique()) == [2, 10]
+    wide = domain.pivot_table(index=["experiment", "repeat", "training_set", "model", "gap_window"],
+                              columns="min_rows", values=["n_candidates", "n_dropped"])  # fmt: skip
+    assert (wide[("n_candidates", 10)] <= wide[("n_candidates", 2)]).all()
+    assert (wide[("n_dropped", 10)] >= wide[("n_dropped", 2)]).all()
     assert 0 < counts["structures"] == len(pd.read_parquet(project / "data" / "vasp" / "structures.parquet"))
 
     second = _run(["dvc", "repro", "pipelines/dvc.yaml"], project, env)

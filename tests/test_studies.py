@@ -464,3 +464,37 @@ def test_campaign_variant_folder_takes_spelt_out_defaults_and_refuses_other_sett
     }
     with pytest.raises(SystemExit, match="other settings"):
         prepare_folder(root, folder, other)
+
+
+def test_element_coverage_pairs_each_domain_with_the_stages_screening() -> None:
+    from agd.config import GapWindowConfig
+    from agd.screening.metrics import domain_scores, labels_kept_scores
+    from bench.studies.element_coverage import report_lines
+
+    windows = {"gt6": GapWindowConfig(low=6.0, high=None, include_low=False, include_high=True)}
+    oracle = pd.Series({"NaF": 7.0, "InF3": 1.0, "LiCl": 6.5, "KF": 3.0})  # oracle hits: NaF, LiCl
+    sets = pd.DataFrame(
+        {"experiment": "Exp3", "repeat": [0, 0, 1, 1], "training_set": "AL",
+         "reduced_formula": ["NaF", "LiCl", "NaF", "InCl3"], "band_gap": [7.0, 6.5, 7.0, 2.0]}
+    )  # fmt: skip
+    # repeat 0 calls InF3 (no In in its set) and KF (no K); repeat 1 calls InF3 (In once in its set)
+    hits = pd.DataFrame(
+        {"experiment": "Exp3", "repeat": [0, 0, 1], "training_set": "AL", "model": "roost", "gap_window": "gt6",
+         "reduced_formula": ["InF3", "KF", "InF3"]}
+    )  # fmt: skip
+    metrics = pd.DataFrame(
+        {"experiment": "Exp3", "repeat": [0, 1], "training_set": "AL", "model": "roost", "gap_window": "gt6",
+         "n_candidates": [2, 1], "n_recovered": [0, 0], "n_oracle": [2, 2]}
+    )  # fmt: skip
+    base = labels_kept_scores(metrics, hits, sets, oracle, windows)
+    domain = domain_scores(metrics, hits, sets, oracle, windows, [1])
+    lines = report_lines(domain, base, ["roost"])
+    model = lines[lines.index("### roost screeners, gt6, the model alone") + 4]
+    # the model alone recovers nothing either way; with the labels kept, repeat 0 lists NaF and LiCl alone
+    # (100% precision against 50% with its false calls), repeat 1 still lists InF3 (In occurs once)
+    assert model.startswith("| Exp3 | AL | 1 | 2 | 0.5 | 0.0 ± 0.0 | 0.0 ± 0.0 | +0.0 ± 0.0 | 0 of 2 |")
+    kept = lines[lines.index("### roost screeners, gt6, the set's labels kept") + 4]
+    assert kept == (
+        "| Exp3 | AL | 1 | 2 | 2.0 | 75.0 ± 35.4 | 75.0 ± 35.4 | +0.0 ± 0.0 | 0 of 2 "
+        "| 75.0 ± 35.4 | 50.0 ± 0.0 | +25.0 ± 35.4 | 1 of 2 |"
+    )

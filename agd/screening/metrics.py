@@ -13,12 +13,14 @@ window.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from agd.chem.formula import parse_formula
 from agd.config import GapWindowConfig
 
 #: The columns that identify one Table-1 cell (repeats are averaged over).
@@ -327,32 +329,42 @@ def check_scores(
     return pd.DataFrame(rows, columns=columns)
 
 
-def aggregate_check(frame: pd.DataFrame, windows: Sequence[str] | None = None) -> pd.DataFrame:
-    """The check table over repeats: :func:`aggregate_table1` per margin (``margin`` a key column)."""
+def _aggregate_by(
+    frame: pd.DataFrame, by: str, metrics: Sequence[str], windows: Sequence[str] | None
+) -> pd.DataFrame:
+    """:func:`aggregate_table1` for each value of ``by``, which becomes a key column after the others."""
     if frame.empty:
-        return pd.DataFrame(columns=[*TABLE1_KEYS, "margin", "n_repeats"])
+        return pd.DataFrame(columns=[*TABLE1_KEYS, by, "n_repeats"])
     parts = []
-    for margin, part in frame.groupby("margin", sort=True):
-        table = aggregate_table1(part, windows=windows, metrics=CHECK_METRICS)
-        table.insert(len(TABLE1_KEYS), "margin", margin)
+    for value, part in frame.groupby(by, sort=True):
+        table = aggregate_table1(part, windows=windows, metrics=metrics)
+        table.insert(len(TABLE1_KEYS), by, value)
         parts.append(table)
     table = pd.concat(parts, ignore_index=True)
     order = table[list(TABLE1_KEYS)].drop_duplicates().reset_index(drop=True).reset_index()
-    table = table.merge(order, on=list(TABLE1_KEYS)).sort_values(["index", "margin"], kind="stable")
+    table = table.merge(order, on=list(TABLE1_KEYS)).sort_values(["index", by], kind="stable")
     return table.drop(columns="index").reset_index(drop=True)
+
+
+def _nested_json(table: pd.DataFrame, by: str, name: Any) -> dict[str, Any]:
+    """An aggregated table nested as experiment -> set -> model -> window -> ``name(by)`` -> figures."""
+    out: dict[str, Any] = {}
+    values = [c for c in table.columns if c not in (*TABLE1_KEYS, by)]
+    for row in table.to_dict("records"):
+        cell = out.setdefault(row["experiment"], {}).setdefault(row["training_set"], {})
+        cell = cell.setdefault(row["model"], {}).setdefault(row["gap_window"], {})
+        cell[name(row[by])] = {c: (int(row[c]) if c == "n_repeats" else _finite(row[c])) for c in values}
+    return out
+
+
+def aggregate_check(frame: pd.DataFrame, windows: Sequence[str] | None = None) -> pd.DataFrame:
+    """The check table over repeats: :func:`aggregate_table1` per margin (``margin`` a key column)."""
+    return _aggregate_by(frame, "margin", CHECK_METRICS, windows)
 
 
 def check_json(table: pd.DataFrame) -> dict[str, Any]:
     """The check table nested as experiment -> set -> model -> window -> margin (as text) -> figures."""
-    out: dict[str, Any] = {}
-    values = [c for c in table.columns if c not in (*TABLE1_KEYS, "margin")]
-    for row in table.to_dict("records"):
-        cell = out.setdefault(row["experiment"], {}).setdefault(row["training_set"], {})
-        cell = cell.setdefault(row["model"], {}).setdefault(row["gap_window"], {})
-        cell[f"{row['margin']:g}"] = {
-            c: (int(row[c]) if c == "n_repeats" else _finite(row[c])) for c in values
-        }
-    return out
+    return _nested_json(table, "margin", lambda margin: f"{margin:g}")
 
 
 def check_markdown(table: pd.DataFrame) -> list[str]:
@@ -378,6 +390,138 @@ def check_markdown(table: pd.DataFrame) -> list[str]:
             cells.append(_pm(row[f"{name}_mean"], row[f"{name}_std"], digits=1))
         for name in ("recovery", "precision"):
             cells.append(_pm(row[f"{name}_mean"], row[f"{name}_std"], percent=True, digits=1))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+#: Per-screener columns of the domain table besides :data:`SCREENER_KEYS` and ``min_rows``, in order: the
+#: model's calls left out, then the model alone and (``kept_``) with the training set's labels kept.
+DOMAIN_METRICS = (
+    "n_dropped",
+    "n_candidates",
+    "n_oracle",
+    "n_recovered",
+    "recovery",
+    "precision",
+    "f1",
+    "kept_n_candidates",
+    "kept_n_recovered",
+    "kept_recovery",
+    "kept_precision",
+    "kept_f1",
+)
+#: the columns that name a training set, in the training sets and among :data:`SCREENER_KEYS`
+SET_KEYS = ("experiment", "repeat", "training_set")
+
+
+def element_rows(sets: pd.DataFrame) -> dict[tuple, Counter]:
+    """For each training set (:data:`SET_KEYS`): in how many of its distinct formulas each element occurs."""
+    out: dict[tuple, Counter] = {}
+    for key, part in sets.groupby(list(SET_KEYS), sort=False):
+        counts: Counter = Counter()
+        for formula in pd.unique(part["reduced_formula"]):
+            counts.update(parse_formula(formula).keys())
+        out[key] = counts
+    return out
+
+
+def element_coverage(formulas: Iterable[str], counts: Mapping[str, int]) -> np.ndarray:
+    """Each formula's least-covered element: the fewest training formulas any of its elements occurs in."""
+    return np.array([min(counts.get(e, 0) for e in parse_formula(f)) for f in formulas], dtype=np.int64)
+
+
+def domain_scores(
+    metrics: pd.DataFrame,
+    hits: pd.DataFrame,
+    sets: pd.DataFrame,
+    oracle: pd.Series,
+    windows: Mapping[str, GapWindowConfig],
+    min_rows: Sequence[int],
+) -> pd.DataFrame:
+    """Each screener's figures without its calls outside its training set's element domain.
+
+    A screener trained on a set that holds an element in a handful of formulas knows little about
+    compounds of that element, and its calls on them are where an AL set's screener errs most (the
+    campaign labelled many high-gap compounds of a few elements). For each ``k`` of ``min_rows``, the
+    model's calls (``hits``: :data:`SCREENER_KEYS`, ``reduced_formula``) on candidates one of whose
+    elements occurs in fewer than ``k`` formulas of the screener's own training set are dropped, and
+    what remains is scored against the oracle's screening as in Table 1 (the model alone) and as in
+    :func:`labels_kept_scores` (``kept_``: the set's labelled candidates judged by their labels, never
+    dropped). ``metrics``, ``sets``, ``oracle``, ``windows``: as in :func:`labels_kept_scores`. One row
+    per screener of ``windows``, and ``k``; ``n_dropped``: the model's calls left out.
+    """
+    columns = [*SCREENER_KEYS, "min_rows", *DOMAIN_METRICS]
+    if not len(min_rows) or metrics.empty:
+        return pd.DataFrame(columns=columns)
+    rows = element_rows(sets)
+    coverage = np.zeros(len(hits), dtype=np.int64)
+    for key, index in hits.groupby(list(SET_KEYS), sort=False).indices.items():
+        formulas = hits["reduced_formula"].to_numpy()[index]
+        coverage[index] = element_coverage(formulas, rows.get(key, Counter()))
+    frames = []
+    for k in sorted(min_rows):
+        inside = coverage >= k
+        scores = labels_kept_scores(metrics, hits[inside], sets, oracle, windows, strict=False)
+        if scores.empty:
+            continue
+        dropped = hits[~inside].groupby(list(SCREENER_KEYS)).size().rename("n_dropped")
+        scores = scores.join(dropped, on=list(SCREENER_KEYS)).fillna({"n_dropped": 0})
+        model = {
+            f"model_{m}": m
+            for m in ("n_candidates", "n_oracle", "n_recovered", "recovery", "precision", "f1")
+        }
+        kept = {
+            f"labelled_{m}": f"kept_{m}"
+            for m in ("n_candidates", "n_recovered", "recovery", "precision", "f1")
+        }
+        scores = scores.rename(columns={**model, **kept}).assign(min_rows=k)
+        scores["n_dropped"] = scores["n_dropped"].astype(int)
+        frames.append(scores[columns])
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(frames, ignore_index=True)
+
+
+def aggregate_domain(frame: pd.DataFrame, windows: Sequence[str] | None = None) -> pd.DataFrame:
+    """The domain table over repeats: :func:`aggregate_table1` per ``min_rows`` (a key column)."""
+    return _aggregate_by(frame, "min_rows", DOMAIN_METRICS, windows)
+
+
+def domain_json(table: pd.DataFrame) -> dict[str, Any]:
+    """The domain table nested as experiment -> set -> model -> window -> min rows (as text) -> figures."""
+    return _nested_json(table, "min_rows", lambda k: str(int(k)))
+
+
+def domain_markdown(table: pd.DataFrame) -> list[str]:
+    """The domain table as a markdown section (no lines when it is empty)."""
+    if table.empty:
+        return []
+    lines = [
+        "",
+        "## Within each screener's element domain",
+        "",
+        "The model's calls on candidates one of whose elements occurs in fewer than *min rows* formulas of "
+        "the screener's own training set are left out (*dropped*); what remains is scored as in Table 1 (the "
+        "model alone) and as in the labels-kept table (the set's labelled candidates judged by their labels).",
+        "",
+    ]
+    header = (
+        "| experiment | set | model | window | min rows | repeats | dropped | listed | recovery | precision "
+        "| labels kept: listed | recovery | precision |"
+    )
+    lines += _table_head(header)
+    for row in table.to_dict("records"):
+        cells = [str(row[k]) for k in TABLE1_KEYS]
+        cells += [str(int(row["min_rows"])), str(int(row["n_repeats"]))]
+        cells += [_pm(row[f"{n}_mean"], row[f"{n}_std"], digits=1) for n in ("n_dropped", "n_candidates")]
+        cells += [
+            _pm(row[f"{n}_mean"], row[f"{n}_std"], percent=True, digits=1) for n in ("recovery", "precision")
+        ]
+        cells.append(_pm(row["kept_n_candidates_mean"], row["kept_n_candidates_std"], digits=1))
+        cells += [
+            _pm(row[f"kept_{n}_mean"], row[f"kept_{n}_std"], percent=True, digits=1)
+            for n in ("recovery", "precision")
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

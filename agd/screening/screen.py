@@ -29,6 +29,8 @@ Outputs in ``out_dir``: ``metrics.parquet`` (catalog table ``screening_metrics``
 (each screener of the hit windows judged again with its own training set's labels in place of its
 predictions for the candidates that set labels), ``check.parquet`` (with ``screening.check_margins``: each
 such screener after the oracle checks what it calls in its widened windows; empty otherwise),
+``domain.parquet`` (with ``screening.domain_min_rows``: each such screener without its calls on elements
+its training set barely holds; empty otherwise),
 ``rejected_rows.csv`` (training rows that could not be used, with row number and reason) and
 ``summary.json``.
 """
@@ -61,9 +63,11 @@ from agd.config import ScreeningConfig
 from agd.executors import Executor, is_local
 from agd.screening.metrics import (
     CHECK_METRICS,
+    DOMAIN_METRICS,
     LABELS_KEPT_METRICS,
     SCREENER_KEYS,
     aggregate_check,
+    aggregate_domain,
     aggregate_labels_kept,
     aggregate_table1,
     check_json,
@@ -71,6 +75,9 @@ from agd.screening.metrics import (
     check_scores,
     counts_metrics,
     describe_window,
+    domain_json,
+    domain_markdown,
+    domain_scores,
     labels_kept_frame,
     labels_kept_markdown,
     labels_kept_scores,
@@ -1204,9 +1211,12 @@ def run_screening_stage(
     kept_table = aggregate_labels_kept(kept, windows=list(cfg.windows))
     kept_paired = paired_differences(kept)
     checked = _checked(frame, judging, groups, groups_state, cfg)
+    domain = _domain(frame, judging, cfg)
     del judging
     _write_parquet(pa.Table.from_pandas(checked, preserve_index=False), out / "check.parquet")
     check_table = aggregate_check(checked, windows=list(cfg.windows))
+    _write_parquet(pa.Table.from_pandas(domain, preserve_index=False), out / "domain.parquet")
+    domain_table = aggregate_domain(domain, windows=list(cfg.windows))
     _write_parquet(pa.Table.from_pandas(table, preserve_index=False), out / "table1.parquet")
     sizes = training.groupby(["experiment", "training_set"])["repeat"].agg(["nunique", "size"])
     context = {
@@ -1234,6 +1244,7 @@ def run_screening_stage(
         table1_markdown(table, cfg.windows, n_oracle, context, paired=paired)
         + "".join(line + "\n" for line in labels_kept_markdown(kept_table, kept_paired))
         + "".join(line + "\n" for line in check_markdown(check_table))
+        + "".join(line + "\n" for line in domain_markdown(domain_table))
     )
 
     summary = {
@@ -1241,6 +1252,7 @@ def run_screening_stage(
         "paired": paired_json(paired),
         "labels_kept": {"table1": table1_json(kept_table), "paired": paired_json(kept_paired)},
         "check": check_json(check_table),
+        "domain": domain_json(domain_table),
         "oracle": {
             "name": screen.oracle_name,
             "screened": screen.n_screened,
@@ -1304,6 +1316,16 @@ def _checked(
     calls = pd.concat([judging.hits, *near], ignore_index=True)
     return check_scores(
         calls, metrics[[*SCREENER_KEYS]], judging.sets, judging.oracle, judging.windows, cfg.check_margins
+    )
+
+
+def _domain(metrics: pd.DataFrame, judging: _Judging, cfg: ScreeningConfig) -> pd.DataFrame:
+    """Each screener of the hit windows without its calls outside its set's element domain
+    (:func:`~agd.screening.metrics.domain_scores`); an empty table when ``domain_min_rows`` is off."""
+    if not cfg.domain_min_rows:
+        return pd.DataFrame(columns=[*SCREENER_KEYS, "min_rows", *DOMAIN_METRICS])
+    return domain_scores(
+        metrics, judging.hits, judging.sets, judging.oracle, judging.windows, cfg.domain_min_rows
     )
 
 

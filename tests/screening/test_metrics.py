@@ -234,3 +234,40 @@ def test_labels_kept_table_averages_repeats_and_counts_the_repeats_it_helps():
         "| 1 of 2 | 80.0 ± 28.3% | +15.0 ± 7.1 | 2 of 2 |"
     )
     assert labels_kept_markdown(table.iloc[:0]) == []
+
+
+def test_the_element_domain_drops_calls_on_elements_the_set_seldom_holds() -> None:
+    from agd.screening.metrics import aggregate_domain, domain_json, domain_markdown, domain_scores
+
+    windows = {"gt6": GapWindowConfig(low=6.0, high=None, include_low=False, include_high=True)}
+    oracle = pd.Series({"NaF": 7.0, "InF3": 1.0, "LiCl": 6.5, "KCl": 6.2, "CsF": 8.0})  # 4 oracle hits
+    # elements in the AL set's formulas: F 3, Na 2, Li 1, K 1, Cl 1 (In, Cs: none)
+    sets = pd.DataFrame(
+        {"experiment": "Exp3", "repeat": 0, "training_set": "AL",
+         "reduced_formula": ["NaF", "LiF", "KF", "NaCl"], "band_gap": [7.0, 6.0, 6.1, 5.0]}
+    )  # fmt: skip
+    hits = pd.DataFrame(
+        {"experiment": "Exp3", "repeat": 0, "training_set": "AL", "model": "roost", "gap_window": "gt6",
+         "reduced_formula": ["NaF", "InF3", "LiCl", "KCl"]}
+    )  # fmt: skip
+    metrics = pd.DataFrame(
+        {"experiment": "Exp3", "repeat": 0, "training_set": ["AL"], "model": "roost", "gap_window": "gt6",
+         "n_candidates": [4], "n_recovered": [3], "n_oracle": [4]}
+    )  # fmt: skip
+    domain = domain_scores(metrics, hits, sets, oracle, windows, [2, 1]).set_index("min_rows")
+    one, two = domain.loc[1], domain.loc[2]
+    # k = 1 drops InF3 (no In in the set): three calls, all oracle hits
+    assert (one.n_dropped, one.n_candidates, one.n_recovered) == (1, 3, 3)
+    assert (one.recovery, one.precision) == (0.75, 1.0)
+    # k = 2 keeps NaF alone (Li, K and Cl occur once); the set's own label of NaF lists it either way
+    assert (two.n_dropped, two.n_candidates, two.n_recovered) == (3, 1, 1)
+    assert (two.kept_n_candidates, two.kept_n_recovered) == (1, 1)
+    assert (one.kept_n_candidates, one.kept_n_recovered, one.kept_precision) == (3, 3, 1.0)
+    table = aggregate_domain(domain.reset_index())
+    assert list(table["min_rows"]) == [1, 2] and (table["n_repeats"] == 1).all()
+    assert domain_json(table)["Exp3"]["AL"]["roost"]["gt6"]["2"]["n_dropped_mean"] == 3
+    assert (
+        "| Exp3 | AL | roost | gt6 | 2 | 1 | 3 | 1 | 25.0% | 100.0% | 1 | 25.0% | 100.0% |"
+        in domain_markdown(table)
+    )
+    assert domain_scores(metrics, hits, sets, oracle, windows, []).empty

@@ -617,3 +617,66 @@ def test_a_check_of_the_near_misses_costs_labels_and_recovers_more(inputs, first
     for bad in ([0.0], [0.5, 0.5], [float("nan")]):
         with pytest.raises(ValueError, match="check_margins"):
             ScreeningConfig(check_margins=bad)
+
+
+def test_the_element_domain_drops_calls_on_rare_elements_without_retraining(inputs, first, tmp_path):
+    from pymatgen.core import Composition
+
+    levels = [1, 40, 100_000]
+    out = tmp_path / "domain"
+    shutil.copytree(first, out)
+    groups = out / "state" / "groups"
+    stored = {p.name: p.read_bytes() for p in sorted(groups.glob("*.json"))}
+    _run(inputs, out, TINY.model_copy(update={"domain_min_rows": levels}))
+    # read from the stored hits: no screener trained again, and the stage's own tables are unchanged
+    assert {p.name: p.read_bytes() for p in sorted(groups.glob("*.json"))} == stored
+    for name in ("metrics.parquet", "hits.parquet", "labels_kept.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(first / name))
+    domain = pd.read_parquet(out / "domain.parquet")
+    kept = pd.read_parquet(out / "labels_kept.parquet")
+    hits = pd.read_parquet(out / "hits.parquet")
+    assert len(domain) == len(kept) * len(levels)
+
+    # an independent recount: pymatgen's elements, the training rows' own keys
+    training, _ = read_training_sets(inputs["training_sets"])
+    cands = pd.read_parquet(inputs["candidates"])
+    screened = cands[cands["valid"]].reset_index(drop=True)
+    oracle_gap = load_oracle(inputs["oracle"]).label(screened["formula"].tolist()).gaps
+    oracle_of = dict(zip([formula_key(f) for f in screened["formula"]], oracle_gap, strict=True))
+    keys = ["experiment", "repeat", "training_set", "model", "gap_window"]
+    for row in domain.itertuples(index=False):
+        window = TINY.windows[row.gap_window]
+        truth = {k for k, g in oracle_of.items() if window_mask(np.array([g]), window)[0]}
+        own = training[(training.experiment == row.experiment) & (training.repeat == row.repeat)
+                       & (training.training_set == row.training_set)]  # fmt: skip
+        rows_with = {}
+        for key in own["key"].unique():
+            for element in Composition(key).elements:
+                rows_with[str(element)] = rows_with.get(str(element), 0) + 1
+        mine = hits[(hits[keys] == pd.Series(row._asdict())[keys]).all(axis=1)]["reduced_formula"]
+        inside = {
+            f for f in mine if min(rows_with.get(str(e), 0) for e in Composition(f).elements) >= row.min_rows
+        }
+        assert (row.n_dropped, row.n_candidates, row.n_recovered) == (
+            len(set(mine)) - len(inside),
+            len(inside),
+            len(inside & truth),
+        )
+        labels = own[own["key"].isin(oracle_of)].groupby("key")["band_gap"].mean()
+        listed = {k for k, g in labels.items() if window_mask(np.array([g]), window)[0]}
+        listed |= inside - set(labels.index)
+        assert (row.kept_n_candidates, row.kept_n_recovered) == (len(listed), len(listed & truth))
+    # k = 1 drops only calls on elements the set never holds; a huge k drops every model call
+    assert (domain[domain.min_rows == 100_000]["n_candidates"] == 0).all()
+    assert domain[domain.min_rows == 1]["n_candidates"].sum() > 0
+    per_level = domain.groupby("min_rows")["n_dropped"].sum()
+    assert per_level.is_monotonic_increasing and per_level.iloc[-1] > per_level.iloc[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["domain"]["Exp2"]["AL"]["forest"]["gt6"]) == {"1", "40", "100000"}
+    assert "## Within each screener's element domain" in (out / "table1.md").read_text()
+    _run(inputs, out)  # off again: an empty table, and still nothing trained
+    assert pd.read_parquet(out / "domain.parquet").empty
+    assert {p.name: p.read_bytes() for p in sorted(groups.glob("*.json"))} == stored
+    for bad in ([0], [3, 3], [-2]):
+        with pytest.raises(ValueError, match="domain_min_rows"):
+            ScreeningConfig(domain_min_rows=bad)
