@@ -674,7 +674,7 @@ class ScreeningConfig(_Section):
     domain_min_rows: list[int] = Field(
         default_factory=list,
         description="for each k, Table 1 again (the model alone, and with the set's labels kept) without the "
-        "model's calls on candidates one of whose elements occurs in fewer than k rows of the screener's "
+        "model's calls on candidates one of whose elements occurs in fewer than k formulas of the screener's "
         "training set: an applicability domain by element. Read from the stored hits, so setting it "
         "retrains nothing ([]: off)",
     )
@@ -721,7 +721,7 @@ class ScreeningConfig(_Section):
             self.domain_min_rows
         ):
             raise ValueError(
-                f"domain_min_rows {self.domain_min_rows}: give distinct positive numbers of rows"
+                f"domain_min_rows {self.domain_min_rows}: give distinct positive numbers of formulas"
             )
         return self
 

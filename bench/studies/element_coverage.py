@@ -1,11 +1,11 @@
 """Would a screener be more precise if it called no hit on elements its training set barely holds?
 
-    python -m bench.studies.element_coverage --min-rows 0 3 10 20 40 --out reports/element_coverage.md
+    python -m bench.studies.element_coverage --min-rows 3 10 20 40 --out reports/element_coverage.md
 
 A screener trained on an AL set sees many high-gap fluorides of light elements and few compounds of
 heavier ones, and calls many fluorides of those heavier elements high that the oracle puts below 3 eV.
 This study drops, from each screener's stored hits, every model call on a candidate one of whose
-elements occurs in fewer than ``k`` rows of that screener's own training set (an applicability domain
+elements occurs in fewer than ``k`` formulas of that screener's own training set (an applicability domain
 by element), and scores what remains against the oracle's screening: the model alone (Table 1's
 protocol) and with the set's own labels kept (labelled candidates are judged by their labels, never
 dropped). The screen stage computes the same table itself with ``screening.domain_min_rows``
