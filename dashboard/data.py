@@ -32,6 +32,8 @@ PRODUCERS = {
     "screening": "agd screen",
     "screening_metrics": "agd screen",
     "screening_labels_kept": "agd screen",
+    "screening_check": "agd screen (params screening.check_margins)",
+    "screening_domain": "agd screen (params screening.domain_min_rows)",
     "structures": "agd structures / agd energy / agd export-vasp",
     "dft_results": "agd import-dft DIR",
     "design_map": "agd catalog (t-SNE of al_samples; params catalog.design_map)",
@@ -54,6 +56,32 @@ EXTRA_COLUMNS: dict[str, tuple[str, str]] = {"n_labelled": ("Labelled candidates
 #: The Table 1 columns ``screening_labels_kept`` has (the screener's R² does not change with the labels).
 LABELS_KEPT_METRICS = ("n_candidates", "recovery", "precision", "f1")
 TRAINING_SET_ORDER = ["ALL", "BS", "AL", "random"]
+#: The screen stage's further views of Table 1 (the hit windows only): catalog table -> (the column of its
+#: levels, that column's label, and its metrics as catalog column -> (label, kind)).
+VERIFY_VIEWS: dict[str, tuple[str, str, dict[str, tuple[str, str]]]] = {
+    "screening_check": (
+        "margin",
+        "Margin (eV)",
+        {
+            "n_checked": ("Checked (n)", "count"),
+            "n_candidates": ("Listed (n)", "count"),
+            "recovery": ("Recovery (%)", "percent"),
+            "precision": ("Precision (%)", "percent"),
+        },
+    ),
+    "screening_domain": (
+        "min_rows",
+        "Min formulas",
+        {
+            "n_dropped": ("Calls left out (n)", "count"),
+            "n_candidates": ("Listed (n)", "count"),
+            "recovery": ("Recovery (%)", "percent"),
+            "precision": ("Precision (%)", "percent"),
+            "kept_recovery": ("Recovery, labels kept (%)", "percent"),
+            "kept_precision": ("Precision, labels kept (%)", "percent"),
+        },
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +288,52 @@ def _table1_source(labels_kept: bool) -> tuple[str, Sequence[str]]:
     if labels_kept:
         return "screening_labels_kept", LABELS_KEPT_METRICS
     return "screening_metrics", tuple(TABLE1_METRICS)
+
+
+def verify_table(
+    db: Path,
+    table: str,
+    experiments: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
+    windows: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Mean and sample std over repeats of a further view of Table 1 (:data:`VERIFY_VIEWS`: after the
+    check of the near-misses, or within the element domain), per cell of Table 1 and level."""
+    level, _, metrics = VERIFY_VIEWS[table]
+    where, params = _selection(experiments, models, windows)
+    aggregates = ", ".join(f"avg({m}) AS {m}_mean, stddev_samp({m}) AS {m}_std" for m in metrics)
+    frame = _query(
+        db,
+        f"SELECT experiment, model, training_set, gap_window, {level}, count(*) AS n_repeats, {aggregates} "
+        f"FROM {table} WHERE {where} "
+        f"GROUP BY experiment, model, training_set, gap_window, {level}",
+        params,
+    )
+    order = {name: i for i, name in enumerate(TRAINING_SET_ORDER)}
+    frame["_order"] = frame["training_set"].map(order).fillna(len(order))
+    frame = frame.sort_values(["experiment", "model", "gap_window", "_order", "training_set", level])
+    return frame.drop(columns="_order").reset_index(drop=True)
+
+
+def verify_display(frame: pd.DataFrame, table: str) -> pd.DataFrame:
+    """:func:`verify_table` as text cells ``mean ± std``, indexed by the Table 1 cell and the level."""
+    level, level_label, metrics = VERIFY_VIEWS[table]
+    out = pd.DataFrame(
+        {
+            "Experiment": frame["experiment"],
+            "Model": frame["model"],
+            "Training set": frame["training_set"],
+            "Window": frame["gap_window"],
+            level_label: [f"{value:g}" for value in frame[level]],
+            "Repeats": frame["n_repeats"].astype(int),
+        }
+    )
+    for metric, (label, kind) in metrics.items():
+        out[label] = [
+            format_pm(m, s, kind)
+            for m, s in zip(frame[f"{metric}_mean"], frame[f"{metric}_std"], strict=True)
+        ]
+    return out.set_index(["Experiment", "Model", "Training set", "Window", level_label])
 
 
 def table1(

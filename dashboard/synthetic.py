@@ -231,6 +231,56 @@ def synthetic_tables(
     kept["f1"] = 2 * kept["n_recovered"] / (kept["n_candidates"] + kept["n_oracle"])
     kept["recovery_gain"] = kept["recovery"] - screening_metrics["recovery"]
     kept["precision_gain"] = kept["precision"] - screening_metrics["precision"]
+    # after a check of the near-misses: each margin costs labels, and the checked part of the list is right
+    check = pd.concat(
+        [
+            kept[["experiment", "repeat", "training_set", "model", "gap_window"]].assign(
+                margin=margin,
+                n_checked=kept["n_candidates"] // 2 + int(400 * margin),
+                n_oracle=kept["n_oracle"],
+                n_recovered=np.minimum(kept["n_recovered"] + int(40 * margin), kept["n_oracle"]),
+            )
+            for margin in (0.25, 0.5)
+        ],
+        ignore_index=True,
+    )
+    check["n_candidates"] = check["n_recovered"] + rng.integers(0, 5, len(check))
+    check["recovery"] = check["n_recovered"] / check["n_oracle"]
+    check["precision"] = check["n_recovered"] / check["n_candidates"]
+    check["f1"] = 2 * check["n_recovered"] / (check["n_candidates"] + check["n_oracle"])
+    # within each screener's element domain: a stricter domain leaves out more of the model's calls
+    domain = pd.concat(
+        [
+            screening_metrics[["experiment", "repeat", "training_set", "model", "gap_window"]].assign(
+                min_rows=k,
+                n_dropped=screening_metrics["n_candidates"] * k // 100,
+                n_oracle=screening_metrics["n_oracle"],
+                n_recovered=screening_metrics["n_recovered"] - screening_metrics["n_recovered"] * k // 400,
+                kept_n_recovered=kept["n_recovered"] - kept["n_recovered"] * k // 400,
+            )
+            for k in (10, 20)
+        ],
+        ignore_index=True,
+    )
+    levels = 2  # the domain's rows are the metrics' rows once per min_rows
+    model_calls = np.tile(screening_metrics["n_candidates"].to_numpy(), levels) - domain["n_dropped"]
+    domain["n_candidates"] = model_calls.clip(lower=domain["n_recovered"])
+    labelled = np.tile(kept["n_labelled_truth"].to_numpy(), levels)
+    domain["kept_n_candidates"] = (domain["n_candidates"] + labelled).clip(lower=domain["kept_n_recovered"])
+    for prefix in ("", "kept_"):
+        n, hits = domain[f"{prefix}n_recovered"], domain[f"{prefix}n_candidates"]
+        domain[f"{prefix}recovery"] = n / domain["n_oracle"]
+        domain[f"{prefix}precision"] = (n / hits.where(hits > 0)).astype(float)
+        domain[f"{prefix}f1"] = 2 * n / (hits + domain["n_oracle"])
+    domain = domain[
+        ["experiment", "repeat", "training_set", "model", "gap_window", "min_rows", "n_dropped", "n_candidates",
+         "n_oracle", "n_recovered", "recovery", "precision", "f1", "kept_n_candidates", "kept_n_recovered",
+         "kept_recovery", "kept_precision", "kept_f1"]
+    ]  # fmt: skip
+    check = check[
+        ["experiment", "repeat", "training_set", "model", "gap_window", "margin", "n_checked", "n_candidates",
+         "n_oracle", "n_recovered", "recovery", "precision", "f1"]
+    ]  # fmt: skip
     screening = pd.DataFrame(hit_rows)
     # the rock-salt formulas are hits in every experiment, so the structure panel always has something to show
     screening.loc[: len(ROCKSALT) - 1, "formula"] = list(ROCKSALT)
@@ -274,6 +324,8 @@ def synthetic_tables(
         "screening": screening,
         "screening_metrics": screening_metrics,
         "screening_labels_kept": kept,
+        "screening_check": check,
+        "screening_domain": domain,
         "structures": structures,
         "dft_results": dft_results,
     }

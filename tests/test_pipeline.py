@@ -153,6 +153,7 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
     # ... and scores each screener again within its element domain: a stricter domain lists no more
     domain = pd.read_parquet(project / "data" / "screening" / "domain.parquet")
     assert len(domain) == 2 * len(kept) and sorted(domain["min_rows"].unique()) == [2, 10]
+    assert counts["screening_domain"] == len(domain) and counts["screening_check"] == len(check)
     wide = domain.pivot_table(index=["experiment", "repeat", "training_set", "model", "gap_window"],
                               columns="min_rows", values=["n_candidates", "n_dropped"])  # fmt: skip
     assert (wide[("n_candidates", 10)] <= wide[("n_candidates", 2)]).all()

@@ -153,6 +153,52 @@ CREATE TABLE IF NOT EXISTS screening_labels_kept (
     loaded_at TIMESTAMP NOT NULL
 );
 
+-- Table 1 after a verify round (agd screen with screening.check_margins, check.parquet; the hit windows
+-- only): per margin, the oracle checks what each screener calls in its window widened by the margin.
+CREATE TABLE IF NOT EXISTS screening_check (
+    experiment VARCHAR NOT NULL,
+    repeat INTEGER,
+    training_set VARCHAR NOT NULL,
+    model VARCHAR NOT NULL,
+    gap_window VARCHAR NOT NULL,
+    margin DOUBLE NOT NULL,                   -- eV the window is widened by for the check
+    n_checked BIGINT,                         -- labels the check costs
+    n_candidates BIGINT,                      -- the list after the check
+    n_oracle BIGINT,
+    n_recovered BIGINT,
+    recovery DOUBLE,
+    precision DOUBLE,
+    f1 DOUBLE,
+    source_file VARCHAR NOT NULL,
+    loaded_at TIMESTAMP NOT NULL
+);
+
+-- Table 1 within each screener's element domain (agd screen with screening.domain_min_rows,
+-- domain.parquet; the hit windows only): the model's calls on candidates with an element that occurs in
+-- fewer than min_rows formulas of the screener's training set are left out.
+CREATE TABLE IF NOT EXISTS screening_domain (
+    experiment VARCHAR NOT NULL,
+    repeat INTEGER,
+    training_set VARCHAR NOT NULL,
+    model VARCHAR NOT NULL,
+    gap_window VARCHAR NOT NULL,
+    min_rows INTEGER NOT NULL,
+    n_dropped BIGINT,                         -- the model's calls left out
+    n_candidates BIGINT,                      -- the model alone, within the domain
+    n_oracle BIGINT,
+    n_recovered BIGINT,
+    recovery DOUBLE,
+    precision DOUBLE,
+    f1 DOUBLE,
+    kept_n_candidates BIGINT,                 -- the same with the training set's labels kept
+    kept_n_recovered BIGINT,
+    kept_recovery DOUBLE,
+    kept_precision DOUBLE,
+    kept_f1 DOUBLE,
+    source_file VARCHAR NOT NULL,
+    loaded_at TIMESTAMP NOT NULL
+);
+
 -- Structures built for candidate formulas by template substitution, then relaxed.
 CREATE TABLE IF NOT EXISTS structures (
     formula VARCHAR NOT NULL,

@@ -69,6 +69,32 @@ else:
         "higher. A mean larger than its standard deviation is a difference larger than the spread over repeats."
     )
 
+VERIFY_SECTIONS = {
+    "screening_check": (
+        "After a check of the near-misses",
+        "The screener's own training set keeps its labels; every other candidate it predicts inside the window "
+        "widened by the margin is checked with the oracle (DFT in a real campaign). Checked: the labels that "
+        "costs; listed: the set's labelled hits and the checked candidates the oracle puts in the window.",
+    ),
+    "screening_domain": (
+        "Within each screener's element domain",
+        "The model's calls on candidates one of whose elements occurs in fewer than the given number of "
+        "formulas of the screener's own training set are left out; what remains is scored by the model alone "
+        "(listed, recovery, precision) and with the set's labels kept.",
+    ),
+}
+counts = ui.catalog_status().counts
+for table, (title, caption) in VERIFY_SECTIONS.items():
+    if not counts.get(table):  # the screen stage writes these only when its option is set
+        continue
+    st.subheader(title)
+    rows = ui.query("verify_table", table, *selection)
+    if rows.empty:
+        st.info(f"No {table} rows match the selection (the stage writes them for its hit windows only).")
+        continue
+    st.table(data.verify_display(rows, table))
+    st.caption(caption + " Mean ± sample standard deviation over repeats.")
+
 st.subheader("BS vs AL vs random")
 chart_metrics = st.multiselect(
     "Charts",

@@ -83,3 +83,27 @@ def test_structure_summary_rejects_bad_cif(fixture_tables):
     assert info["formula"] == "MgO" and len(sites) == 8
     with pytest.raises(ValueError, match="unreadable CIF"):
         data.structure_summary("data_broken\n_cell_length_a nonsense\n")
+
+
+def test_verify_views_aggregate_each_level_over_repeats(fixture_catalog, fixture_tables):
+    for table, level in (("screening_check", "margin"), ("screening_domain", "min_rows")):
+        frame = data.verify_table(fixture_catalog, table, experiments=("Exp2",), models=("roost",))
+        rows = fixture_tables[table]
+        rows = rows[(rows.experiment == "Exp2") & (rows.model == "roost")]
+        groups = rows.groupby(["training_set", "gap_window", level])
+        assert len(frame) == groups.ngroups and set(frame[level]) == set(rows[level])
+        expected = groups.recovery.agg(["mean", "std"])
+        got = frame.set_index(["training_set", "gap_window", level])
+        assert (
+            got.loc[expected.index, "recovery_mean"].round(12).tolist() == expected["mean"].round(12).tolist()
+        )
+        assert (
+            got.loc[expected.index, "recovery_std"].round(12).tolist() == expected["std"].round(12).tolist()
+        )
+        shown = data.verify_display(frame, table)
+        label = data.VERIFY_VIEWS[table][1]
+        assert shown.index.names[-1] == label and len(shown) == len(frame)
+        first = frame.iloc[0]
+        assert shown.iloc[0]["Recovery (%)"] == data.format_pm(
+            first.recovery_mean, first.recovery_std, "percent"
+        )

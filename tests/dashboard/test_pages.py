@@ -114,6 +114,32 @@ def test_experiments_labels_kept_reads_its_own_table(app_env, fixture_tables):
     )
 
 
+def test_experiments_shows_the_check_and_the_element_domain(app_env, fixture_tables):
+    at = make_app().run()
+    _no_failure(at)
+    titles = [h.value for h in at.subheader]
+    assert titles.index("After a check of the near-misses") < titles.index(
+        "Within each screener's element domain"
+    )
+    check, domain = at.table[2].value, at.table[3].value
+    rows = fixture_tables["screening_domain"]
+    rows = rows[(rows.gap_window == "gt6") & (rows.experiment == "Exp3") & (rows.model == "roost")]
+    al = rows[(rows.training_set == "AL") & (rows.min_rows == 20)]
+    cell = domain.loc[("Exp3", "roost", "AL", "gt6", "20")]
+    assert cell["Precision, labels kept (%)"] == _pm(
+        al.kept_precision.mean(), al.kept_precision.std(), 1, 100
+    )
+    assert cell["Calls left out (n)"] == _pm(al.n_dropped.mean(), al.n_dropped.std(), 0)
+    assert set(check.index.get_level_values("Margin (eV)")) == {"0.25", "0.5"}
+    assert (
+        len(domain)
+        == fixture_tables["screening_domain"]
+        .query("gap_window == 'gt6'")
+        .groupby(["experiment", "model", "training_set", "min_rows"])
+        .ngroups
+    )
+
+
 def test_experiments_selection_narrows_table(app_env, fixture_tables):
     at = make_app().run()
     at.multiselect(key="exp_experiments").set_value(["Exp2", "Exp3"])

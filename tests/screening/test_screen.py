@@ -152,6 +152,8 @@ def test_tables_match_the_catalog_schema(first):
         ("screening_metrics", out["metrics"]),
         ("screening", out["hits"]),
         ("screening_labels_kept", kept),
+        ("screening_check", pd.read_parquet(first / "check.parquet")),  # empty here: the option is off
+        ("screening_domain", pd.read_parquet(first / "domain.parquet")),
     )
     for name, table in tables:
         expected = [c.name for c in TABLES[name] if c.name not in PROVENANCE_COLUMNS]
@@ -406,6 +408,7 @@ def test_outputs_load_into_the_catalog(first, tmp_path):
     n_hits = load_table(db, "screening", first / "hits.parquet")
     n_metrics = load_table(db, "screening_metrics", first / "metrics.parquet")
     n_kept = load_table(db, "screening_labels_kept", first / "labels_kept.parquet")
+    assert load_table(db, "screening_check", first / "check.parquet") == 0  # off: an empty table loads
     with CatalogReader(db) as reader:
         counts = reader.tables()
         top = reader.query(
@@ -611,6 +614,9 @@ def test_a_check_of_the_near_misses_costs_labels_and_recovers_more(inputs, first
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["check"]["Exp2"]["AL"]["forest"]["gt6"]) == {"0.25", "0.5"}
     assert "## After checking the near-misses" in (out / "table1.md").read_text()
+    from agd.tracking.catalog import load_table
+
+    assert load_table(tmp_path / "catalog.duckdb", "screening_check", out / "check.parquet") == len(check)
     # off again: the check table is empty, and the retrained screeners keep no near-misses of the old ones
     _run(inputs, out)
     assert pd.read_parquet(out / "check.parquet").empty and not list(state.glob("*.near.parquet"))
@@ -674,6 +680,15 @@ def test_the_element_domain_drops_calls_on_rare_elements_without_retraining(inpu
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["domain"]["Exp2"]["AL"]["forest"]["gt6"]) == {"1", "40", "100000"}
     assert "## Within each screener's element domain" in (out / "table1.md").read_text()
+    from agd.tracking.catalog import CatalogReader, load_table
+
+    db = tmp_path / "catalog.duckdb"
+    assert load_table(db, "screening_domain", out / "domain.parquet") == len(domain)
+    with CatalogReader(db) as reader:
+        loaded = reader.query(
+            "SELECT min_rows, sum(n_dropped) AS n FROM screening_domain GROUP BY 1 ORDER BY 1"
+        )
+    assert list(loaded["n"]) == list(per_level)
     _run(inputs, out)  # off again: an empty table, and still nothing trained
     assert pd.read_parquet(out / "domain.parquet").empty
     assert {p.name: p.read_bytes() for p in sorted(groups.glob("*.json"))} == stored

@@ -57,6 +57,8 @@ def test_schema_defines_all_tables_with_provenance():
         "screening",
         "screening_metrics",
         "screening_labels_kept",
+        "screening_check",
+        "screening_domain",
         "structures",
         "dft_results",
         "design_map",
