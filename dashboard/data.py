@@ -290,6 +290,14 @@ def _table1_source(labels_kept: bool) -> tuple[str, Sequence[str]]:
     return "screening_metrics", tuple(TABLE1_METRICS)
 
 
+def _in_table1_order(frame: pd.DataFrame, *more: str) -> pd.DataFrame:
+    """Rows sorted as Table 1 lists them (training sets ALL, BS, AL, random, then any other), then by ``more``."""
+    order = {name: i for i, name in enumerate(TRAINING_SET_ORDER)}
+    frame["_order"] = frame["training_set"].map(order).fillna(len(order))
+    frame = frame.sort_values(["experiment", "model", "gap_window", "_order", "training_set", *more])
+    return frame.drop(columns="_order").reset_index(drop=True)
+
+
 def verify_table(
     db: Path,
     table: str,
@@ -309,10 +317,7 @@ def verify_table(
         f"GROUP BY experiment, model, training_set, gap_window, {level}",
         params,
     )
-    order = {name: i for i, name in enumerate(TRAINING_SET_ORDER)}
-    frame["_order"] = frame["training_set"].map(order).fillna(len(order))
-    frame = frame.sort_values(["experiment", "model", "gap_window", "_order", "training_set", level])
-    return frame.drop(columns="_order").reset_index(drop=True)
+    return _in_table1_order(frame, level)
 
 
 def verify_display(frame: pd.DataFrame, table: str) -> pd.DataFrame:
@@ -360,10 +365,7 @@ def table1(
         "GROUP BY experiment, model, training_set, gap_window",
         params,
     )
-    order = {name: i for i, name in enumerate(TRAINING_SET_ORDER)}
-    frame["_order"] = frame["training_set"].map(order).fillna(len(order))
-    frame = frame.sort_values(["experiment", "model", "gap_window", "_order", "training_set"])
-    return frame.drop(columns="_order").reset_index(drop=True)
+    return _in_table1_order(frame)
 
 
 def paired(
