@@ -208,6 +208,11 @@ def _table_head(header: str) -> list[str]:
     return [header, "|" + "---|" * (header.count("|") - 1)]
 
 
+def _section_head(title: str, text: str, header: str) -> list[str]:
+    """A report section's opening: its title, a paragraph, and the head of its table."""
+    return ["", f"## {title}", "", text, "", *_table_head(header)]
+
+
 def labels_kept_scores(
     metrics: pd.DataFrame,
     hits: pd.DataFrame,
@@ -371,18 +376,17 @@ def check_markdown(table: pd.DataFrame) -> list[str]:
     """The check table as a markdown section (no lines when it is empty)."""
     if table.empty:
         return []
-    lines = [
-        "",
-        "## After checking the near-misses",
-        "",
-        "Each screener's training set keeps its labels; every other candidate the screener predicts inside "
-        "the window widened by the margin is checked with the oracle (DFT in a real campaign). *Checked*: "
-        "the labels that check costs; the list after it holds the set's labelled hits and the checked "
-        "candidates the oracle puts in the window, so its checked part is right by construction.",
-        "",
-    ]
     header = "| experiment | set | model | window | margin (eV) | repeats | checked | listed | recovered | recovery | precision |"
-    lines += _table_head(header)
+    lines = _section_head(
+        "After checking the near-misses",
+        (
+            "Each screener's training set keeps its labels; every other candidate the screener predicts inside "
+            "the window widened by the margin is checked with the oracle (DFT in a real campaign). *Checked*: "
+            "the labels that check costs; the list after it holds the set's labelled hits and the checked "
+            "candidates the oracle puts in the window, so its checked part is right by construction."
+        ),
+        header,
+    )
     for row in table.to_dict("records"):
         cells = [str(row[k]) for k in TABLE1_KEYS]
         cells += [f"{row['margin']:g}", str(int(row["n_repeats"]))]
@@ -496,20 +500,19 @@ def domain_markdown(table: pd.DataFrame) -> list[str]:
     """The domain table as a markdown section (no lines when it is empty)."""
     if table.empty:
         return []
-    lines = [
-        "",
-        "## Within each screener's element domain",
-        "",
-        "The model's calls on candidates one of whose elements occurs in fewer than *min rows* formulas of "
-        "the screener's own training set are left out (*dropped*); what remains is scored as in Table 1 (the "
-        "model alone) and as in the labels-kept table (the set's labelled candidates judged by their labels).",
-        "",
-    ]
     header = (
         "| experiment | set | model | window | min rows | repeats | dropped | listed | recovery | precision "
         "| labels kept: listed | recovery | precision |"
     )
-    lines += _table_head(header)
+    lines = _section_head(
+        "Within each screener's element domain",
+        (
+            "The model's calls on candidates one of whose elements occurs in fewer than *min rows* formulas of "
+            "the screener's own training set are left out (*dropped*); what remains is scored as in Table 1 (the "
+            "model alone) and as in the labels-kept table (the set's labelled candidates judged by their labels)."
+        ),
+        header,
+    )
     for row in table.to_dict("records"):
         cells = [str(row[k]) for k in TABLE1_KEYS]
         cells += [str(int(row["min_rows"])), str(int(row["n_repeats"]))]
@@ -570,23 +573,22 @@ def labels_kept_markdown(table: pd.DataFrame, paired: pd.DataFrame | None = None
     """The labels-kept table (and its sets paired by repeat) as a markdown section."""
     if table.empty:
         return []
-    lines = [
-        "",
-        "## With the training sets' labels kept",
-        "",
-        "A candidate the screener's own training set labels is a hit when that label lies in the window; "
-        "every other candidate is judged by the model, as above. A campaign that searched the candidates "
-        "has labelled some of them already (with the oracle here, with DFT in a real one). *Labelled*: the "
-        "set's rows that are screened candidates; *of them oracle hits*: those the oracle puts in the window. "
-        "*Gain*: labels kept minus the model alone, paired by repeat in percentage points; *ahead*: repeats "
-        "where keeping the labels scores higher.",
-        "",
-    ]
     header = (
         "| experiment | set | model | window | repeats | labelled | of them oracle hits | candidates "
         "| recovered | recovery | gain | ahead | precision | gain | ahead |"
     )
-    lines += _table_head(header)
+    lines = _section_head(
+        "With the training sets' labels kept",
+        (
+            "A candidate the screener's own training set labels is a hit when that label lies in the window; "
+            "every other candidate is judged by the model, as above. A campaign that searched the candidates "
+            "has labelled some of them already (with the oracle here, with DFT in a real one). *Labelled*: the "
+            "set's rows that are screened candidates; *of them oracle hits*: those the oracle puts in the window. "
+            "*Gain*: labels kept minus the model alone, paired by repeat in percentage points; *ahead*: repeats "
+            "where keeping the labels scores higher."
+        ),
+        header,
+    )
     for row in table.to_dict("records"):
         cells = [str(row[k]) for k in TABLE1_KEYS] + [str(int(row["n_repeats"]))]
         cells += [
