@@ -69,10 +69,13 @@ class Section:
     packages: list[str] = field(default_factory=list)
     #: the targets this benchmark checks, for the summary at the top of BENCHMARKS.md
     targets: list[Target] = field(default_factory=list)
+    #: False for a section that measured nothing here (a summary gathered from the others)
+    measured_here: bool = True
 
     def render(self) -> str:
         """The full markdown section: title, machine and versions, the body, and its targets as a hidden line."""
-        text = f"## {self.title}\n\n{machine_description(self.packages)}\n\n{self.body.strip()}\n"
+        machine = f"{machine_description(self.packages)}\n\n" if self.measured_here else ""
+        text = f"## {self.title}\n\n{machine}{self.body.strip()}\n"
         if self.targets:
             # machine-readable, so that a later summary can list targets of sections it did not re-run
             payload = json.dumps([asdict(t) for t in self.targets]).replace(">", "\\u003e")

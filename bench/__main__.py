@@ -1,7 +1,9 @@
 """``python -m bench NAME [--sizes N ...] [--repeats R] [--write]``: run a benchmark, print its table.
 
 ``python -m bench all [--quick] [--only NAME ...] [--repeats R] [--write]`` runs every registered
-benchmark in turn and adds a summary of their targets at the top of BENCHMARKS.md.
+benchmark in turn and adds a summary of their targets at the top of BENCHMARKS.md. A single
+benchmark's ``--write`` gathers that summary again from every section, and ``python -m bench all
+--gather`` does only that.
 """
 
 from __future__ import annotations
@@ -31,7 +33,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--write", action="store_true", help=f"replace this benchmark's section in {BENCHMARKS_MD.name}"
     )
+    parser.add_argument(
+        "--gather",
+        action="store_true",
+        help=f"with all: rebuild the summary at the top of {BENCHMARKS_MD.name} from its sections; runs nothing",
+    )
     args = parser.parse_args(argv)
+    if args.gather:
+        if args.name != "all" or args.only or args.quick or args.sizes or args.repeats:
+            parser.error("--gather goes with all alone: it runs nothing")
+        from bench.suite import gathered_summary
+
+        summary = gathered_summary(BENCHMARKS_MD, "python -m bench all --gather")
+        write_section(summary, BENCHMARKS_MD, first=True)
+        print(summary.render())
+        return
     if (args.repeats is not None and args.repeats < 1) or (args.sizes and min(args.sizes) < 1):
         parser.error("--repeats and --sizes must be positive")
     if args.name == "all":
@@ -60,8 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     section = BENCHMARKS[args.name](options)
     print(section.render())
     if args.write:
-        write_section(section)
+        write_section(section, BENCHMARKS_MD)
         print(f"wrote section '{section.name}' to {BENCHMARKS_MD}")
+        from bench.suite import gathered_summary
+
+        summary = gathered_summary(BENCHMARKS_MD, f"python -m bench {args.name} --write")
+        write_section(summary, BENCHMARKS_MD, first=True)
+        print(f"gathered the summary of targets at the top of {BENCHMARKS_MD}")
 
 
 if __name__ == "__main__":

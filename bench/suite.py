@@ -98,6 +98,31 @@ def _met(value: bool | None) -> str:
     return "—" if value is None else ("yes" if value else "**no**")
 
 
+def _target_rows(
+    fresh: dict[str, list[Target]], earlier: dict[str, tuple[str, list[Target]]] | None
+) -> list[list[str]]:
+    """One row per target: this run's first, then those of the sections it did not replace, dated."""
+    rows = [
+        [name, t.item, t.target, t.measured, _met(t.met)] for name, targets in fresh.items() for t in targets
+    ]
+    for name, (when, targets) in (earlier or {}).items():
+        if name not in fresh:
+            rows += [[f"{name} ({when})", t.item, t.target, t.measured, _met(t.met)] for t in targets]
+    return rows
+
+
+def _targets_table(rows: list[list[str]]) -> tuple[str, str]:
+    """The count of judged targets met, and the table itself."""
+    judged = [row for row in rows if row[4] != "—"]
+    met = sum(row[4] == "yes" for row in judged)
+    table = (
+        markdown_table(["benchmark", "item", "target", "measured", "met"], rows)
+        if rows
+        else "No benchmark reported a target."
+    )
+    return f"{met} of {len(judged)} judged targets met", table
+
+
 def summary_section(
     outcomes: Sequence[Outcome],
     options: BenchOptions,
@@ -112,16 +137,9 @@ def summary_section(
     summary lists them too, marked with the date they were measured.
     """
     fresh = {o.name: o.section.targets for o in outcomes if o.section is not None}
-    target_rows = [
-        [name, t.item, t.target, t.measured, _met(t.met)] for name, targets in fresh.items() for t in targets
-    ]
-    for name, (when, targets) in (earlier or {}).items():
-        if name not in fresh:
-            target_rows += [[f"{name} ({when})", t.item, t.target, t.measured, _met(t.met)] for t in targets]
+    count, table = _targets_table(_target_rows(fresh, earlier))
     run_rows = [[o.name, f"{o.seconds:,.0f}", o.status] for o in outcomes]
     kind = "a smoke run (`--quick`: small sizes)" if options.quick else "a full run"
-    judged = [row for row in target_rows if row[4] != "—"]
-    met = sum(row[4] == "yes" for row in judged)
     command = "python -m bench all" + (" --quick" if options.quick else "")
     if [o.name for o in outcomes] != list(BENCHMARKS):
         command += " --only " + " ".join(o.name for o in outcomes)
@@ -129,11 +147,30 @@ def summary_section(
 {"Written by" if written else "Printed by"} `{command}{" --write" if written else ""}`, {kind} of
 {len(outcomes)} benchmark(s), medians of {options.repeats} run(s), in {seconds / 60:.1f} minutes. Each
 benchmark's own section below holds its tables, sizes and growth with size; this table gathers their
-targets ({met} of {len(judged)} judged targets met; "—": no target set, or not judged at the sizes run;
+targets ({count}; "—": no target set, or not judged at the sizes run;
 a date after the benchmark's name: a section this run did not replace, measured then).
 
-{markdown_table(["benchmark", "item", "target", "measured", "met"], target_rows) if target_rows else "No benchmark reported a target."}
+{table}
 
 {markdown_table(["benchmark", "run time s", "status"], run_rows)}
 """
     return Section(SUMMARY, "Summary: targets", body)
+
+
+def gathered_summary(path: Path, written_by: str) -> Section:
+    """The summary rebuilt from the targets every section of ``path`` recorded, without running anything.
+
+    A single benchmark written with ``python -m bench NAME --write`` calls this, so the summary at the
+    top never lags behind a section below it.
+    """
+    earlier = read_targets(path)
+    earlier.pop(SUMMARY, None)
+    count, table = _targets_table(_target_rows({}, earlier))
+    body = f"""
+Gathered by `{written_by}` from the sections below, each measured on the date after its name
+(`python -m bench all --write` runs every benchmark again and times the run). This table lists their
+targets ({count}; "—": no target set, or not judged at the sizes run).
+
+{table}
+"""
+    return Section(SUMMARY, "Summary: targets", body, measured_here=False)

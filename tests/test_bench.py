@@ -337,6 +337,48 @@ def test_summary_marks_unmet_and_unjudged_targets() -> None:
     assert "0 of 1 judged targets met" in summary.body
 
 
+def test_one_benchmark_written_alone_gathers_the_summary_from_every_section(tmp_path, monkeypatch) -> None:
+    import bench.__main__ as cli
+
+    path = tmp_path / "B.md"
+    write_section(
+        Section("alpha", "Alpha", "old", targets=[Target("alpha round", "<= 3 s", "0.9 s", True)]), path
+    )
+    write_section(Section(SUMMARY, "Summary: targets", "a stale summary without beta"), path, first=True)
+    fresh = Section("beta", "Beta", "new", targets=[Target("beta round", "<= 3 s", "9.4 s", False)])
+    monkeypatch.setattr(cli, "BENCHMARKS_MD", path)
+    monkeypatch.setitem(cli.BENCHMARKS, "beta", lambda options: fresh)
+    main(["beta", "--write"])
+    text = path.read_text()
+    assert text.count("<!-- bench:summary:begin -->") == 1
+    assert text.index("<!-- bench:summary:begin -->") < text.index("<!-- bench:alpha:begin -->")
+    summary = text[text.index("<!-- bench:summary:begin -->") : text.index("<!-- bench:summary:end -->")]
+    assert "stale" not in summary and "Gathered by `python -m bench beta --write`" in summary
+    assert "Measured" not in summary  # it measured nothing: its rows carry their sections' dates
+    rows = table(summary, "benchmark")
+    assert [(r["benchmark"].split(" (")[0], r["measured"], r["met"]) for r in rows] == [
+        ("alpha", "0.9 s", "yes"),
+        ("beta", "9.4 s", "**no**"),
+    ]
+    assert all(r["benchmark"].endswith("UTC)") for r in rows)  # each dated by its own section
+    assert "1 of 2 judged targets met" in summary
+
+
+def test_gather_rewrites_only_the_summary(tmp_path, monkeypatch, capsys) -> None:
+    import bench.__main__ as cli
+
+    path = tmp_path / "B.md"
+    write_section(Section("alpha", "Alpha", "kept body", targets=[Target("a", "<= 1 s", "2 s", False)]), path)
+    monkeypatch.setattr(cli, "BENCHMARKS_MD", path)
+    main(["all", "--gather"])
+    text = path.read_text()
+    assert "kept body" in text and text.index("bench:summary:begin") < text.index("bench:alpha:begin")
+    assert "0 of 1 judged targets met" in text
+    with pytest.raises(SystemExit):
+        main(["all", "--gather", "--only", "magpie"])
+    assert "--gather goes with all alone" in capsys.readouterr().err
+
+
 def test_cli_refuses_sizes_with_all_and_only_without_all(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["all", "--sizes", "10"])
