@@ -293,7 +293,9 @@ def _table1_source(labels_kept: bool) -> tuple[str, Sequence[str]]:
 def _in_table1_order(frame: pd.DataFrame, *more: str) -> pd.DataFrame:
     """Rows sorted as Table 1 lists them (training sets ALL, BS, AL, random, then any other), then by ``more``."""
     order = {name: i for i, name in enumerate(TRAINING_SET_ORDER)}
-    frame["_order"] = frame["training_set"].map(order).fillna(len(order))
+    frame = frame.assign(
+        _order=frame["training_set"].map(order).fillna(len(order))
+    )  # the caller's frame stays as it is
     frame = frame.sort_values(["experiment", "model", "gap_window", "_order", "training_set", *more])
     return frame.drop(columns="_order").reset_index(drop=True)
 
