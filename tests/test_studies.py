@@ -498,3 +498,97 @@ def test_element_coverage_pairs_each_domain_with_the_stages_screening() -> None:
         "| Exp3 | AL | 1 | 2 | 2.0 | 75.0 ± 35.4 | 75.0 ± 35.4 | +0.0 ± 0.0 | 0 of 2 "
         "| 75.0 ± 35.4 | 50.0 ± 0.0 | +25.0 ± 35.4 | 1 of 2 |"
     )
+
+
+def test_a_check_budget_equal_to_the_margin_checks_cost_finds_what_the_stage_check_finds() -> None:
+    """The budgeted check against the screen stage's margin check (``check_scores``) on random screeners:
+    a budget of exactly what the margin check labels lists the same candidates."""
+    from agd.config import GapWindowConfig
+    from agd.screening.metrics import check_scores
+    from bench.studies.check_budget import checked_recovery
+
+    window = GapWindowConfig(low=6.0, include_low=False)
+    rng = np.random.default_rng(3)
+    formulas = pd.Index([f"F{i}" for i in range(2_000)], name="reduced_formula")
+    oracle = pd.Series(rng.normal(5.0, 1.2, len(formulas)), index=formulas)
+    truth = oracle.to_numpy() > 6.0
+    for trial in range(5):
+        predicted = oracle.to_numpy() + rng.normal(0, 0.5 + 0.2 * trial, len(formulas))
+        labelled = rng.random(len(formulas)) < 0.1
+        own = np.where(labelled, oracle.to_numpy() + rng.normal(0, 0.3, len(formulas)), np.nan)
+        key = {
+            "experiment": "Exp2",
+            "repeat": trial,
+            "training_set": "AL",
+            "model": "roost",
+            "gap_window": "gt6",
+        }
+        calls = pd.DataFrame({**key, "reduced_formula": formulas, "predicted_gap": predicted})
+        sets = pd.DataFrame({**key, "reduced_formula": formulas[labelled], "band_gap": own[labelled]})
+        stage = check_scores(calls, pd.DataFrame([key]), sets, oracle, {"gt6": window}, [0.0, 0.25, 0.5])
+        rows = checked_recovery(predicted, own, truth, window, stage["n_checked"].tolist())
+        assert [r["n_recovered"] for r in rows] == stage["n_recovered"].tolist()
+        assert [r["n_listed"] for r in rows] == stage["n_candidates"].tolist()
+        assert [r["recovery"] for r in rows] == pytest.approx(stage["recovery"].tolist())
+        assert stage["n_checked"].is_monotonic_increasing and stage["n_checked"].iloc[-1] > 0
+
+
+def test_a_check_budget_labels_the_best_unlabelled_calls_and_says_when_stored_ones_run_out() -> None:
+    from agd.config import GapWindowConfig
+    from bench.studies.check_budget import checked_recovery
+
+    window = GapWindowConfig(low=6.0, include_low=False)
+    # oracle hits: 0, 2, 3, 5; the set labels 0 (7 eV) and 1 (6.5 eV, an oracle miss)
+    truth = np.array([True, False, True, True, False, True])
+    own = np.array([7.0, 6.5, np.nan, np.nan, np.nan, np.nan])
+    predicted = np.array([9.0, 9.0, 5.9, 6.3, 6.8, np.nan])  # 4, 3, then 2; 5 unknown
+    rows = checked_recovery(predicted, own, truth, window, [0, 1, 2, 3, 4], partial=True)
+    assert [r["n_checked"] for r in rows] == [0, 1, 2, 3, 3]
+    assert [r["n_recovered"] for r in rows] == [1, 1, 2, 3, 3]
+    assert [r["n_listed"] for r in rows] == [2, 2, 3, 4, 4]  # 1 is listed by its own (wrong) label
+    assert [r["complete"] for r in rows] == [True, True, True, True, False]
+    assert rows[3]["recovery"] == 0.75 and np.isnan(rows[4]["recovery"])
+    with pytest.raises(ValueError, match="1 unlabelled candidates have no prediction"):
+        checked_recovery(predicted, own, truth, window, [1])
+    with pytest.raises(ValueError, match="negative"):
+        checked_recovery(predicted, own, truth, window, [-1], partial=True)
+
+
+def test_equal_budget_lines_pair_the_variant_with_the_pipeline_by_repeat() -> None:
+    from bench.studies.check_budget import equal_budget_lines
+
+    pipeline = pd.DataFrame(
+        {"experiment": "Exp2", "training_set": "AL", "repeat": [0, 0, 1, 1, 2, 2], "budget": [0, 250] * 3,
+         "recovery": [0.70, 0.90, 0.60, 0.85, 0.5, 0.5], "complete": [True, True, True, True, True, False]}
+    )  # fmt: skip
+    variant = pd.DataFrame(
+        {"training_set": "AL", "repeat": [0, 1], "threshold": 6.0, "recovery_check_250": [0.80, 0.80]}
+    )
+    lines = equal_budget_lines(pipeline, variant, "Exp2", 1000, 750)
+    assert lines[-2] == "| 1,000 | 2 | 65.0 ± 7.1 | 80.0 ± 0.0 | +15.0 ± 7.1 | 2 of 2 |"
+    assert lines[-1] == "| 1,000 + 250 checked | 2 | 87.5 ± 3.5 | 80.0 ± 0.0 | -7.5 ± 3.5 | 0 of 2 |"
+    with pytest.raises(SystemExit, match="recovery_check_250"):
+        equal_budget_lines(pipeline, variant.drop(columns="recovery_check_250"), "Exp2", 1000, 750)
+
+
+def test_campaign_curves_count_each_confirmed_hit_once_from_the_initial_samples_on(tmp_path: Path) -> None:
+    from agd.config import GapWindowConfig
+    from bench.studies.check_budget import campaign_curves
+
+    window = GapWindowConfig(low=6.0, include_low=False)
+    folder = tmp_path / "Exp2-bo"
+    folder.mkdir()
+    # initial: NaCl a hit already; then a miss, a hit (MgF2), MgF2 again, a label above 6 eV that the
+    # oracle does not call a hit (LiF), and a hit written another way (F2Ca for CaF2)
+    table = pd.DataFrame(
+        {"fate": ["initial", "initial", "registered", "registered", "registered", "registered", "registered"],
+         "reduced_formula": ["NaCl", "KBr", "GaN", "MgF2", "MgF2", "LiF", "F2Ca"],
+         "label": [7.0, 5.0, 3.0, 6.5, 6.5, 6.2, 7.5]}
+    )  # fmt: skip
+    table.to_parquet(folder / "repeat-00.parquet")
+    table.iloc[:5].to_parquet(folder / "repeat-01.parquet")  # a shorter repeat trims every curve
+    curves = campaign_curves(tmp_path, "Exp2-bo", {"NaCl", "MgF2", "CaF2"}, window)
+    assert curves.tolist() == [[1, 1, 2, 2], [1, 1, 2, 2]]
+    (folder / "repeat-01.parquet").unlink()
+    full = campaign_curves(tmp_path, "Exp2-bo", {"NaCl", "MgF2", "CaF2"}, window)
+    assert full.tolist() == [[1, 1, 2, 2, 2, 3]]

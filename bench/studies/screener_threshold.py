@@ -12,7 +12,9 @@ of the > 6 eV window when a candidate is called a hit above thresholds below 6 e
 ``--ensemble-size`` replaces the stage's one Roost per screener by the mean of several (seeds seed ..
 seed + k - 1), to see whether a steadier screener agrees better with the oracle. ``--refit-all``
 screens with a model refit on all rows of its set (``screening.refit_all``), as the paper's screeners saw
-their whole set; its R² test is then that model's. With ``--rows FILE``
+their whole set; its R² test is then that model's. ``--check-budgets`` adds, per screener, the
+recovery after the oracle checks its N best unlabelled calls (:mod:`bench.studies.check_budget`;
+threshold-free, so the same in each of its rows). With ``--rows FILE``
 each finished screener's figures are appended to a CSV and a rerun skips them, so a killed study
 resumes.
 """
@@ -28,7 +30,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from agd.config import load_params
+from agd.config import GapWindowConfig, load_params
 from agd.screening import screen as S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,11 +56,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="screen with a model refit on all rows of its set (screening.refit_all: true)",
     )
+    parser.add_argument(
+        "--check-budgets",
+        type=int,
+        nargs="+",
+        default=[100, 250, 500],
+        help="also count the recovery after the oracle checks the N best unlabelled calls "
+        "(bench.studies.check_budget; columns recovery_check_N)",
+    )
     parser.add_argument("--rows", default=None, help="CSV of finished screeners (appended; a rerun resumes)")
     parser.add_argument("--out", default=None, help="markdown report (default: print only)")
     parser.add_argument("--root", type=Path, default=ROOT, help="project whose params and outputs to use")
     args = parser.parse_args(argv)
     root = args.root
+    from bench.studies.check_budget import checked_recovery  # that module imports this one's helpers
 
     params = load_params(root / "params.yaml")
     cfg = params.screening
@@ -143,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             own = chosen.groupby("key")["band_gap"].mean()
             own_label = own.reindex(candidate_keys).to_numpy()
             labelled = ~np.isnan(own_label)
+            window = GapWindowConfig(low=args.window_low, include_low=False)
+            checks = {
+                f"recovery_check_{r['budget']}": r["recovery"]
+                # a candidate the screener cannot predict (NaN) is never checked, as it is never called
+                for r in checked_recovery(
+                    predicted, own_label, truth, window, args.check_budgets, partial=True
+                )
+            }
             new = []
             for threshold in args.thresholds:
                 hit = predicted > threshold
@@ -168,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                         "n_hits_unlabelled": int((hit & ~labelled).sum()),
                         "recovery_kept": kept_found / truth.sum(),
                         "precision_kept": kept_found / kept.sum() if kept.any() else np.nan,
+                        **checks,  # threshold-free: the same in every row of this screener
                         "settings": settings,
                     }
                 )
