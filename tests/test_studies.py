@@ -592,3 +592,4 @@ def test_campaign_curves_count_each_confirmed_hit_once_from_the_initial_samples_
     (folder / "repeat-01.parquet").unlink()
     full = campaign_curves(tmp_path, "Exp2-bo", {"NaCl", "MgF2", "CaF2"}, window)
     assert full.tolist() == [[1, 1, 2, 2, 2, 3]]
+    assert campaign_curves(tmp_path, "Exp3-bo", {"NaCl"}, window).size == 0  # no such campaign

@@ -203,6 +203,8 @@ def campaign_curves(campaigns: Path, campaign: str, truth: set[str], window: Gap
                 counts.append(len(seen))
         start = len({k for k, h, f in zip(keys, hit, table["fate"], strict=True) if h and f == "initial"})
         curves.append([start, *counts])
+    if not curves:
+        return np.zeros((0, 0))
     width = min(len(c) for c in curves)
     return np.array([c[:width] for c in curves], dtype=float)
 
@@ -318,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         shown = sorted(set(rows.loc[rows["training_set"] == "AL", "experiment"]))
         curves = {e: campaign_curves(campaigns, f"{e}-bo", truth, window) for e in shown}
         curves = {e: c for e, c in curves.items() if c.size}
+        if not curves:
+            raise SystemExit(f"no campaign tables under {campaigns} to plot: run the experiments stage first")
         plot_curves(args.plot, curves, rows, variants, len(truth), TARGETS)
         lines += ["", f"![recovery against labels spent]({args.plot.name})"]
     text = "\n".join(lines) + "\n"
