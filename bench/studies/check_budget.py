@@ -56,8 +56,9 @@ def checked_recovery(
     ``own_label`` the training set's label (NaN where the set does not label the candidate), ``truth``
     whether the oracle puts it in ``window``. ``partial``: the known predictions are the best ones (a
     stored subset, or all but those the screener could not make), so a budget that reaches past them has
-    no figure (``complete`` false); without it, every unlabelled candidate must have a prediction. One dict per budget: ``budget``, ``n_checked``,
-    ``n_listed`` (labelled hits + confirmed checks), ``n_recovered``, ``recovery`` and ``complete``.
+    no figure (``complete`` false); without it, every unlabelled candidate must have a prediction.
+    One dict per budget: ``budget``, ``n_checked``, ``n_listed`` (labelled hits + confirmed checks),
+    ``n_recovered``, ``recovery`` and ``complete``.
     """
     predicted = np.asarray(predicted, dtype=float)
     own_label = np.asarray(own_label, dtype=float)
@@ -96,17 +97,26 @@ def checked_recovery(
     return rows
 
 
-def pipeline_rows(root: Path, budgets: Sequence[int], window_name: str = "gt6") -> pd.DataFrame:
-    """The budgeted check of every Roost screener of the screen stage (from its state folder)."""
+def oracle_labels(root: Path) -> pd.Series:
+    """The oracle's gap of each screened candidate, by reduced formula (the screen stage's cache)."""
+    cfg = load_params(root / "params.yaml").screening
+    candidates = root / "data/generated/candidates.parquet"
+    state = root / "data" / "screening" / "state"
+    oracle = S.oracle_screen(candidates, root / "models/oracle", state, cfg, progress=False).labels()
+    return oracle[~oracle.index.duplicated()]
+
+
+def pipeline_rows(
+    root: Path, budgets: Sequence[int], oracle: pd.Series, window_name: str = "gt6"
+) -> pd.DataFrame:
+    """The budgeted check of every Roost screener of the screen stage (from its state folder);
+    ``oracle``: :func:`oracle_labels`."""
     cfg = load_params(root / "params.yaml").screening
     if not cfg.check_margins:
         raise SystemExit("params.yaml's screening.check_margins is off: the stage kept no near-misses")
     window = cfg.windows[window_name]
     out = root / "data" / "screening"
     state = out / "state"
-    candidates = root / "data/generated/candidates.parquet"
-    oracle = S.oracle_screen(candidates, root / "models/oracle", state, cfg, progress=False).labels()
-    oracle = oracle[~oracle.index.duplicated()]
     truth = window_mask(oracle.to_numpy(dtype=float), window)
     sets, _ = S.read_training_sets(root / "data/experiments/training_sets.parquet")
     labels = sets.groupby(["experiment", "repeat", "training_set", "key"])["band_gap"].mean()
@@ -195,13 +205,14 @@ def campaign_curves(campaigns: Path, campaign: str, truth: set[str], window: Gap
         keys = [formula_key(f) if isinstance(f, str) and f else None for f in table["reduced_formula"]]
         hit = np.array([k in truth for k in keys]) & window_mask(table["label"].to_numpy(dtype=float), window)
         seen: set[str] = set()
-        counts = []
+        counts = []  # the initial samples come first; then one count per suggestion
         for key, is_hit, fate in zip(keys, hit, table["fate"], strict=True):
-            if is_hit and key not in seen:
+            if is_hit:
                 seen.add(key)
             if fate != "initial":
                 counts.append(len(seen))
-        start = len({k for k, h, f in zip(keys, hit, table["fate"], strict=True) if h and f == "initial"})
+        initial = int((table["fate"] == "initial").sum())
+        start = len({k for k, h in zip(keys[:initial], hit[:initial], strict=True) if h})
         curves.append([start, *counts])
     if not curves:
         return np.zeros((0, 0))
@@ -252,6 +263,8 @@ def plot_curves(
                 (c for c in rows if c.startswith("recovery_check_")), key=lambda c: int(c.split("_")[-1])
             )
             budgets = [0, *(int(c.split("_")[-1]) for c in columns)]
+            # a smaller budget suggests what the pipeline's campaign suggested first (same seeds), so its
+            # curve leaves the campaign's at ``campaign``
             m = [mean[campaign], *(100 * rows[c].mean() for c in columns)]
             ax.plot([campaign + b for b in budgets], m, "o-", color=colour,
                     label=f"{campaign} suggestions, then a check")  # fmt: skip
@@ -282,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="markdown report (default: print only)")
     parser.add_argument("--plot", type=Path, help="PNG of recovery against labels spent, per experiment")
     args = parser.parse_args(argv)
-    rows = pipeline_rows(args.root, args.budgets)
+    oracle = oracle_labels(args.root)
+    rows = pipeline_rows(args.root, args.budgets, oracle)
     params = load_params(args.root / "params.yaml")
     budgets = {e.name: e.budget for e in params.experiments.experiments}
     lines = [
@@ -310,11 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         variants.setdefault(experiment, []).append((variant, int(budget)))
         lines += equal_budget_lines(rows, variant, experiment, budgets[experiment], int(budget))
     if args.plot:
-        cfg = params.screening
-        window = cfg.windows["gt6"]
-        state = args.root / "data" / "screening" / "state"
-        candidates = args.root / "data/generated/candidates.parquet"
-        oracle = S.oracle_screen(candidates, args.root / "models/oracle", state, cfg, progress=False).labels()
+        window = params.screening.windows["gt6"]
         truth = set(oracle.index[window_mask(oracle.to_numpy(dtype=float), window)])
         campaigns = args.root / "data" / "experiments" / "campaigns"
         shown = sorted(set(rows.loc[rows["training_set"] == "AL", "experiment"]))
