@@ -593,3 +593,35 @@ def test_campaign_curves_count_each_confirmed_hit_once_from_the_initial_samples_
     full = campaign_curves(tmp_path, "Exp2-bo", {"NaCl", "MgF2", "CaF2"}, window)
     assert full.tolist() == [[1, 1, 2, 2, 2, 3]]
     assert campaign_curves(tmp_path, "Exp3-bo", {"NaCl"}, window).size == 0  # no such campaign
+
+
+def test_a_check_in_rounds_adds_each_rounds_labels_before_the_next_ranking() -> None:
+    from agd.config import GapWindowConfig
+    from bench.studies.iterated_check import iterate
+
+    window = GapWindowConfig(low=6.0, include_low=False)
+    candidates = ["A", "B", "C", "D", "E", "F"]
+    oracle = np.array([7.0, 5.0, 6.5, 6.8, 1.0, 6.1])  # hits: A, C, D, F
+    rows = pd.DataFrame({"key": ["A", "X"], "reduced_formula": ["A", "X"], "band_gap": [7.0, 3.0]})
+    seen_sizes = []
+
+    class Screener:  # ranks B, C first; once B is labelled low, it ranks D and F above E
+        def __init__(self, formulas):
+            self.low = "B" in formulas
+
+        def predict_formulas(self, formulas):
+            first = {"A": 9.0, "B": 8.0, "C": 7.5, "D": 1.0, "E": 7.0, "F": 0.5}
+            then = {**first, "D": 7.9, "F": 7.8}
+            return np.array([(then if self.low else first)[f] for f in formulas])
+
+    def train(formulas, gaps):
+        seen_sizes.append(len(formulas))
+        return Screener(formulas)
+
+    result = iterate(rows, candidates, oracle, [2, 2], train, window)
+    assert seen_sizes == [2, 4]  # the second screener saw the first round's two labels
+    assert [r["spent"] for r in result] == [2, 4]
+    assert [r["n_recovered"] for r in result] == [2, 4]  # A, C; then D, F
+    # one check of 4 with the first screener takes B, C, E and D: with A, three of the four hits
+    assert result[0]["one_shot_recovery"] == 0.75
+    assert "one_shot_recovery" not in result[1]
