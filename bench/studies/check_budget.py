@@ -33,6 +33,7 @@ import pandas as pd
 from agd.config import GapWindowConfig, load_params
 from agd.screening import screen as S
 from agd.screening.metrics import SCREENER_KEYS, window_mask
+from bench.studies import emit
 from bench.studies.screener_threshold import _pm, difference_cells
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -335,9 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_curves(args.plot, curves, rows, variants, len(truth), TARGETS)
         lines += ["", f"![recovery against labels spent]({args.plot.name})"]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(text, args.out)
     return 0
 
 

@@ -25,6 +25,7 @@ import pandas as pd
 from agd.config import load_params
 from agd.screening import screen as S
 from agd.screening.metrics import SCREENER_KEYS, domain_scores, labels_kept_scores
+from bench.studies import emit
 from bench.studies.screener_threshold import paired_metric_cells
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         *report_lines(domain, base, args.models),
     ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(text, args.out)
     return 0
 
 

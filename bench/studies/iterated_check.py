@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,8 +28,9 @@ import pandas as pd
 from agd.config import GapWindowConfig, load_params
 from agd.screening import screen as S
 from agd.screening.metrics import window_mask
+from bench.studies import emit
 from bench.studies.check_budget import checked_recovery
-from bench.studies.screener_threshold import _pm, difference_cells
+from bench.studies.screener_threshold import _pm, difference_cells, screened_candidates
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +40,7 @@ def iterate(
     candidates: list[str],
     oracle_gaps: np.ndarray,
     checks: list[int],
-    train,
+    train: Callable[[list[str], np.ndarray], Any],
     window: GapWindowConfig,
 ) -> list[dict]:
     """Rounds of checks: ``train(formulas, gaps)`` gives a screener, whose ``predict_formulas`` ranks the
@@ -83,16 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_params(args.root / "params.yaml").screening
     window = cfg.windows["gt6"]
-    candidates_path = args.root / "data/generated/candidates.parquet"
-    oracle = S.oracle_screen(
-        candidates_path, args.root / "models/oracle", args.root / "data/screening/state", cfg, False
-    )
-    gaps = oracle.gaps()
-    candidates = [
-        f for t in S._candidate_batches(candidates_path, cfg) for f in t["reduced_formula"].to_pylist()
-    ]
-    if len(candidates) != len(gaps):
-        raise SystemExit("the oracle's cached labels do not match the candidates: rerun the screen stage")
+    candidates, gaps = screened_candidates(args.root, cfg)
     sets, _ = S.read_training_sets(args.folder / "data/experiments/training_sets.parquet")
     settings = json.dumps(
         {"folder": str(args.folder), "checks": args.checks, "roost": cfg.roost.model_dump()}
@@ -143,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         + " |",
     ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(text, args.out)
     return 0
 
 

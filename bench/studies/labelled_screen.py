@@ -27,6 +27,7 @@ import pandas as pd
 from agd.config import GapWindowConfig, load_params
 from agd.screening import screen as S
 from agd.screening.metrics import SCREENER_KEYS, describe_window, labels_kept_scores, window_mask
+from bench.studies import emit
 from bench.studies.screener_threshold import paired_metric_cells
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         *report_lines(scores, windows),
     ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(text, args.out)
     return 0
 
 

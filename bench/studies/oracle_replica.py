@@ -34,6 +34,7 @@ import pandas as pd
 
 from agd.config import GapWindowConfig, load_params
 from agd.screening.metrics import describe_window, recovery_metrics, window_mask
+from bench.studies import emit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -284,9 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         train(args.seed, args.work, prepared, args.root / "params.yaml")
         return 0
     text = report(args.work, args.root, args.lows, args.margins)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(text, args.out)
     return 0
 
 

@@ -37,6 +37,7 @@ import pandas as pd
 from agd.config import load_params
 from agd.executors import spawn_pool
 from agd.models.oracle import regression_metrics
+from bench.studies import emit
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
@@ -316,9 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         return 0
     text = report(args.prepared, args.work)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    emit(text, args.out)
     return 0
 
 

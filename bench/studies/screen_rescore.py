@@ -29,6 +29,7 @@ import pandas as pd
 
 from agd.config import load_params
 from agd.screening import screen as S
+from bench.studies import emit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -153,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- largest difference of R2 on the test set between the runs: {(r2 - r2_fresh).abs().max():.3g}",
     ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(text, args.out)
     return 0 if all(tables.values()) else 1
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from agd.config import GapWindowConfig, load_params
+from agd.config import GapWindowConfig, ScreeningConfig, load_params
 from agd.screening import screen as S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,12 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     members = cfg.roost.ensemble_size
     training, _ = S.read_training_sets(root / "data/experiments/training_sets.parquet")
     test = S.external_test_set(root / "data/prepared/dataset.parquet", set(training["key"]))
-    candidates = root / "data/generated/candidates.parquet"
-    oracle = S.oracle_screen(candidates, root / "models/oracle", root / "data/screening/state", cfg, False)
-    oracle_gaps = oracle.gaps()
-    formulas = [f for t in S._candidate_batches(candidates, cfg) for f in t["reduced_formula"].to_pylist()]
-    if len(formulas) != len(oracle_gaps):
-        raise SystemExit("the oracle's cached labels do not match the candidates: rerun the screen stage")
+    formulas, oracle_gaps = screened_candidates(root, cfg)
     truth = oracle_gaps > args.window_low
     candidate_keys = pd.Index(formulas)
     print(
@@ -263,6 +258,17 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report)
     return 0
+
+
+def screened_candidates(root: Path, cfg: ScreeningConfig) -> tuple[list[str], np.ndarray]:
+    """The screen stage's candidates (reduced formulas, in order) and the oracle's cached gap of each."""
+    candidates = root / "data/generated/candidates.parquet"
+    oracle = S.oracle_screen(candidates, root / "models/oracle", root / "data/screening/state", cfg, False)
+    gaps = oracle.gaps()
+    formulas = [f for t in S._candidate_batches(candidates, cfg) for f in t["reduced_formula"].to_pylist()]
+    if len(formulas) != len(gaps):
+        raise SystemExit("the oracle's cached labels do not match the candidates: rerun the screen stage")
+    return formulas, gaps
 
 
 def _count(value: float) -> str:
