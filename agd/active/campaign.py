@@ -8,6 +8,14 @@ every round. Resuming means reading the table, re-registering its points in orde
 next round: every random choice of a round is seeded from ``(seed, round)`` or from the number of
 registered points, so a resumed campaign ends with the same table as an uninterrupted one.
 
+A table is resumed only if it was made by what runs now. Its fingerprint covers the campaign's
+settings and initial samples (and the candidate library); its context stamp covers the validity rules
+and the autoencoder; and the oracle is asked again for the label of every formula the table holds a
+label for (:meth:`Campaign.load_state`). So a retrained oracle, other validity rules or another
+autoencoder start the campaign afresh (``restart_changed``, what the DVC stage uses) or stop it with an
+error, instead of reusing labels the current models would not give. A table written before the stamp
+existed is checked by what it holds (its rows decoded, judged and labelled again) and stamped.
+
 Every suggestion gets a fate:
 
 * ``initial``      round 0: a training sample with its data label;
@@ -99,6 +107,11 @@ _SCHEMA = pa.schema(
     ]
 )
 _FINGERPRINT_KEY = b"agd.campaign.fingerprint"
+_CONTEXT_KEY = b"agd.campaign.context"
+
+#: the largest difference (eV) between a table's label and the oracle's label of the same formula that
+#: still counts as the same oracle: one model's labels differ by about 1e-5 eV between batches (float32)
+LABEL_TOLERANCE = 1e-3
 
 
 class CampaignStateError(RuntimeError):
@@ -296,6 +309,7 @@ class Campaign:
         self.initial = initial.reset_index(drop=True)
         self.state_path = Path(state_path)
         self.restart_changed = restart_changed
+        self._context: dict[str, str] | None = None  # the context stamp, hashed once
         library = chemistry.library
         if (library is not None) != (cfg.search == "candidates"):
             raise ValueError(
@@ -311,11 +325,14 @@ class Campaign:
         """Most rounds after round 0: twice what the budget needs, for rounds that fall short of a batch."""
         return 2 * math.ceil(self.spec.budget / self.cfg.batch_size)
 
-    def load_state(self) -> pd.DataFrame | None:
+    def load_state(self, verify: bool = True) -> pd.DataFrame | None:
         """The saved table, or None when there is none.
 
-        A table saved under other settings raises CampaignStateError, or is deleted when the campaign
-        was made with ``restart_changed`` (what the DVC stage wants: changed params, fresh campaigns).
+        A table saved under other settings, or made by other models (:meth:`changed_models`; skipped
+        with ``verify=False``, for a table this process has just written), raises CampaignStateError,
+        or is deleted when the campaign was made with ``restart_changed`` (what the DVC stage wants:
+        changed params or models, fresh campaigns). A table from before the context stamp that passes
+        the check is stamped.
         """
         if not self.state_path.exists():
             return None
@@ -325,23 +342,92 @@ class Campaign:
             raise CampaignStateError(
                 f"{self.state_path}: unreadable campaign state ({exc}); delete it to start this campaign afresh"
             ) from None
-        saved = (table.schema.metadata or {}).get(_FINGERPRINT_KEY, b"").decode()
-        if saved != self.fingerprint and self.restart_changed:
-            log.warning("%s: saved with other settings or initial samples; starting afresh", self.state_path)
+        meta = table.schema.metadata or {}
+        saved = meta.get(_FINGERPRINT_KEY, b"").decode()
+        problem = None
+        if saved != self.fingerprint:
+            problem = (
+                "the saved campaign was run with other settings or initial samples "
+                f"(fingerprint {saved or 'missing'} vs {self.fingerprint})"
+            )
+        frame = table.to_pandas()
+        stamp = json.loads(meta[_CONTEXT_KEY]) if _CONTEXT_KEY in meta else None
+        if problem is None and verify:
+            problem = self.changed_models(frame, stamp)
+        if problem is not None and self.restart_changed:
+            log.warning("%s: %s; starting afresh", self.state_path, problem)
             self.state_path.unlink()
             return None
-        if saved != self.fingerprint:
-            raise CampaignStateError(
-                f"{self.state_path}: the saved campaign was run with other settings or initial samples "
-                f"(fingerprint {saved or 'missing'} vs {self.fingerprint}); delete it (or its folder) to rerun"
-            )
-        return table.to_pandas()
+        if problem is not None:
+            raise CampaignStateError(f"{self.state_path}: {problem}; delete it (or its folder) to rerun")
+        if stamp is None and verify:
+            frame = self._save(frame)  # checked by what it holds: stamped, rows unchanged
+        return frame
+
+    def context(self) -> dict[str, str]:
+        """The stamp of what decides a table beside its fingerprint: hashes of the validity rules and
+        of the autoencoder (its decoder turns latents into formulas)."""
+        if self._context is None:
+            from agd.active.library import autoencoder_digest
+
+            rules = self.chemistry.checker.config.model_dump_json()
+            self._context = {
+                "validity": hashlib.sha256(rules.encode()).hexdigest()[:16],
+                "autoencoder": autoencoder_digest(self.chemistry.autoencoder),
+            }
+        return self._context
+
+    def changed_models(self, table: pd.DataFrame, stamp: dict[str, str] | None) -> str | None:
+        """Why ``table`` was not made by this campaign's models, or None if it was.
+
+        The stamp's validity rules and autoencoder must be this campaign's (a table without a stamp must
+        decode and judge as it says, row for row), and the oracle must give every label the table holds
+        to within :data:`LABEL_TOLERANCE` (and no label where it holds none)."""
+        later = table[table["round"] > 0]
+        if stamp is not None:
+            current = self.context()
+            for name, what in (("validity", "validity rules"), ("autoencoder", "autoencoder")):
+                if stamp.get(name) != current[name]:
+                    return f"the {what} changed since the table was written"
+        elif len(later):
+            judged = self.chemistry.assess(np.stack(later["latent"].to_numpy()))
+            for column in ("formula", "reduced_formula", "decodable", "valid"):
+                was = later[column].to_numpy(dtype=object)
+                now = judged[column].to_numpy(dtype=object)
+                differs = [i for i in range(len(was)) if not _same_value(was[i], now[i])]
+                if differs:
+                    i = differs[0]
+                    return (
+                        f"{len(differs)} of its {len(later)} suggestions now get another {column} (round "
+                        f"{later['round'].iat[i]}: {was[i]!r} in the table, {now[i]!r} now): the autoencoder "
+                        "or the validity rules changed since the table was written"
+                    )
+        to_label = later["decodable"].astype(bool) & (
+            later["valid"].astype(bool) | (self.cfg.invalid == "label")
+        )
+        asked = later[to_label]
+        if not len(asked):
+            return None
+        was = asked["label"].to_numpy(dtype=float)
+        now = np.asarray(self.oracle.label(asked["formula"].astype(str).tolist()).gaps, dtype=float)
+        gap = np.abs(now - was)
+        differs = np.flatnonzero(~((np.isnan(was) & np.isnan(now)) | (gap <= LABEL_TOLERANCE)))
+        if not len(differs):
+            return None
+        i = differs[np.argmax(np.nan_to_num(gap[differs], nan=np.inf))]
+        return (
+            f"the oracle labels {len(differs)} of the table's {len(asked)} labelled formulas differently (largest: "
+            f"{asked['formula'].iat[i]} in round {asked['round'].iat[i]}, {was[i]:.4f} eV in the table, "
+            f"{now[i]:.4f} eV now): the oracle changed since the table was written"
+        )
 
     def _save(self, table: pd.DataFrame) -> pd.DataFrame:
         """Write the table atomically; returns it as it reads back (the table's column types)."""
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         arrow = pa.Table.from_pandas(table[list(STATE_COLUMNS)], schema=_SCHEMA, preserve_index=False)
-        arrow = arrow.replace_schema_metadata({_FINGERPRINT_KEY: self.fingerprint.encode()})
+        arrow = arrow.replace_schema_metadata(
+            {_FINGERPRINT_KEY: self.fingerprint.encode(), _CONTEXT_KEY: json.dumps(self.context()).encode()}
+        )
         tmp = self.state_path.with_name(f".{self.state_path.name}.tmp-{os.getpid()}")
         pq.write_table(arrow, tmp)
         os.replace(tmp, self.state_path)
@@ -600,6 +686,13 @@ class Campaign:
             label_std=label_std,
             registered_value=value,
         )
+
+
+def _same_value(a, b) -> bool:
+    """Equal, or both missing (None / NaN)."""
+    if pd.isna(a) and pd.isna(b):
+        return True
+    return bool(a == b)
 
 
 def covering_box(bounds: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -249,6 +249,10 @@ def settings_key(cfg: ExperimentsConfig) -> str:
     return hashlib.sha256(cfg.model_dump_json(exclude={"campaign": late}).encode()).hexdigest()[:12]
 
 
+#: per-round metrics compared with a run's logged ones to tell whether the run is its state table's
+_CHECKED_METRICS = ("best_label", "round_best_label", "n_high_gap_total")
+
+
 class _Tracking:
     """Keeps each repeat's MLflow run in step with its state table (rounds logged once, in order)."""
 
@@ -277,11 +281,32 @@ class _Tracking:
             run_id = self.tracker.repeat(
                 self.parent(spec), spec.campaign, spec.repeat, campaign.fingerprint, tags
             )
-            self._runs[key] = (run_id, self.tracker.logged_steps(run_id, "best_label"))
+            logged = {name: self.tracker.logged_values(run_id, name) for name in _CHECKED_METRICS}
+            stale = self._stale_round(logged, table)
+            if stale is not None:  # the run logged a table started afresh since (other models)
+                log.warning("%s r%d: MLflow run %s logged another table; retired, a new run starts",
+                            spec.campaign, spec.repeat, run_id)  # fmt: skip
+                self.tracker.supersede(run_id, f"its round {stale} is not the state table's")
+                run_id = self.tracker.repeat(
+                    self.parent(spec), spec.campaign, spec.repeat, campaign.fingerprint, tags
+                )
+                logged = {}
+            self._runs[key] = (run_id, set(logged.get("best_label", {})))
         run_id, logged = self._runs[key]
         for round_ in sorted(set(table["round"].astype(int)) - logged):
             self.tracker.log_step(run_id, round_metrics(table, round_, self.high_gap), round_)
             logged.add(round_)
+
+    def _stale_round(self, logged: dict[str, dict[int, float]], table: pd.DataFrame) -> int | None:
+        """The first round whose logged metrics the table does not give (None: the run is the table's)."""
+        rounds = set(table["round"].astype(int))
+        for round_ in sorted({step for steps in logged.values() for step in steps}):
+            if round_ not in rounds:
+                return round_
+            now = round_metrics(table, round_, self.high_gap)
+            if any(round_ in steps and steps[round_] != now.get(name) for name, steps in logged.items()):
+                return round_
+        return None
 
     def finish_repeat(self, spec: CampaignSpec, table: pd.DataFrame) -> None:
         run_id, _ = self._runs[(spec.campaign, spec.repeat)]
@@ -399,7 +424,7 @@ def run_experiments(
             for future in as_completed(futures):
                 campaign = futures[future]
                 future.result()
-                finished(campaign, campaign.load_state())
+                finished(campaign, campaign.load_state(verify=False))
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
@@ -454,7 +479,7 @@ def _run_on(
         path = campaign.state_path
         if not path.is_file() or path.read_bytes() != data:
             _write_bytes(path, data)
-        finished(campaign, campaign.load_state())
+        finished(campaign, campaign.load_state(verify=False))
 
     executor.map(_ray_campaign, jobs, init_args, on_result=landed, progress=progress, desc="campaigns")
 

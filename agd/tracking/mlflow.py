@@ -186,7 +186,20 @@ class CampaignTracker:
 
     def logged_steps(self, run_id: str, key: str) -> set[int]:
         """Steps already logged for a metric of a run."""
-        return {m.step for m in self.client.get_metric_history(run_id, key)}
+        return set(self.logged_values(run_id, key))
+
+    def logged_values(self, run_id: str, key: str) -> dict[int, float]:
+        """A metric's value at each step already logged for a run (the last one logged, per step)."""
+        history = sorted(self.client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        return {m.step: m.value for m in history}
+
+    def supersede(self, run_id: str, why: str) -> None:
+        """Retire a run whose rounds belong to a state table that no longer exists (a campaign started
+        afresh under other models): its fingerprint tag no longer finds it, and it says why."""
+        fingerprint = self.client.get_run(run_id).data.tags.get("agd.fingerprint", "")
+        self.client.set_tag(run_id, "agd.fingerprint", f"{fingerprint}~superseded")
+        self.client.set_tag(run_id, "agd.superseded", why)
+        self.client.set_terminated(run_id, status="KILLED")
 
     def log_step(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         """Log one step's metrics in a single batch."""
@@ -205,6 +218,7 @@ class CampaignTracker:
     ) -> None:
         """Log final metrics (no step) and close the run."""
         if metrics:
-            seen = self.client.get_run(run_id).data.metrics  # a resumed run logs its totals once
-            self.log_step(run_id, {k: v for k, v in metrics.items() if k not in seen}, 0)
+            # a resumed run logs its totals once, and again only those that changed (a campaign restarted)
+            seen = self.client.get_run(run_id).data.metrics
+            self.log_step(run_id, {k: v for k, v in metrics.items() if seen.get(k) != float(v)}, 0)
         self.client.set_terminated(run_id, status=status)

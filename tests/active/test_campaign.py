@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -137,6 +138,79 @@ def test_state_from_other_settings_is_refused_or_restarted(parts, tmp_path):
     path.write_bytes(b"not parquet")
     with pytest.raises(CampaignStateError, match="unreadable"):
         _campaign(parts, path).run(progress=False)
+
+
+class _Shifted:
+    """An oracle that labels like ``inner`` plus ``shift`` eV (a retrained oracle, as far as a table can tell)."""
+
+    def __init__(self, inner, shift: float) -> None:
+        self.inner, self.shift = inner, shift
+
+    def label(self, formulas):
+        labels = self.inner.label(formulas)
+        return dataclasses.replace(labels, gaps=labels.gaps + self.shift)
+
+
+def _with(parts, oracle=None, checker=None):
+    chemistry, base_oracle, initial = parts
+    if checker is not None:
+        chemistry = LatentChemistry(chemistry.autoencoder, checker)
+    return chemistry, oracle or base_oracle, initial
+
+
+def _unstamp(path) -> None:
+    """Rewrite a state table as it was written before the context stamp existed."""
+    table = pq.read_table(path)
+    meta = {k: v for k, v in table.schema.metadata.items() if k != b"agd.campaign.context"}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def test_a_table_another_oracle_would_label_otherwise_is_refused_or_restarted(parts, tmp_path):
+    path = tmp_path / "s.parquet"
+    made = _campaign(parts, path, budget=10).run(progress=False)
+    before = path.read_bytes()
+    # labels within the tolerance (float noise between batches) are the same oracle: resumed untouched
+    _same(made, _campaign(_with(parts, _Shifted(parts[1], 1e-4)), path, budget=10).run(progress=False))
+    assert path.read_bytes() == before
+    other = _with(parts, _Shifted(parts[1], 0.5))
+    with pytest.raises(CampaignStateError, match=r"oracle labels \d+ of the table's \d+ labelled formulas"):
+        _campaign(other, path, budget=10).run(progress=False)
+    assert path.read_bytes() == before  # refused, not touched
+    fresh = _campaign(other, path, budget=10, restart_changed=True).run(progress=False)
+    asked = fresh[(fresh["round"] > 0) & fresh["label"].notna()]
+    again = parts[1].label(asked["formula"].tolist()).gaps + 0.5
+    assert len(asked) and np.allclose(asked["label"], again, atol=1e-5)  # labelled by the new oracle
+
+
+def test_a_table_made_under_other_validity_rules_is_refused(parts, tmp_path):
+    from agd.config import ValidityConfig
+
+    path = tmp_path / "s.parquet"
+    _campaign(parts, path, budget=5).run(progress=False)
+    loose = _with(parts, checker=ValidityChecker(ValidityConfig(use_pauling_test=False)))
+    with pytest.raises(CampaignStateError, match="validity rules changed"):
+        _campaign(loose, path, budget=5).run(progress=False)
+
+
+def test_a_table_from_before_the_stamp_is_checked_by_its_rows_then_stamped(parts, tmp_path):
+    path = tmp_path / "s.parquet"
+    made = _campaign(parts, path, budget=10).run(progress=False)
+    _unstamp(path)
+    assert b"agd.campaign.context" not in pq.read_table(path).schema.metadata
+    _same(made, _campaign(parts, path, budget=10).load_state())
+    assert b"agd.campaign.context" in pq.read_table(path).schema.metadata  # adopted
+    _unstamp(path)
+    with pytest.raises(CampaignStateError, match="oracle changed"):
+        _campaign(_with(parts, _Shifted(parts[1], 0.5)), path, budget=10).load_state()
+    # rules under which the table's own formulas judge otherwise: more elements than any of them holds
+    from agd.chem.formula import parse_formula
+    from agd.config import ValidityConfig
+
+    table = pd.read_parquet(path)
+    most = max(len(parse_formula(f)) for f in table.loc[table["round"] > 0, "formula"])
+    rules = ValidityChecker(ValidityConfig(min_elements=most + 1))
+    with pytest.raises(CampaignStateError, match="another valid"):
+        _campaign(_with(parts, checker=rules), path, budget=10).load_state()
 
 
 def test_paper_policy_registers_only_decodable_points_and_penalty_registers_the_rest(parts, tmp_path):
@@ -304,6 +378,60 @@ def test_experiments_write_training_sets_samples_kappa_sweep_and_mlflow_once(
     assert pd.read_parquet(out / "training_sets.parquet").equals(before)
     assert len(client.search_runs([exp.experiment_id])) == 10
     assert [m.step for m in client.get_metric_history(one.info.run_id, "best_label")] == steps
+
+
+def test_experiments_with_a_retrained_oracle_start_the_campaigns_afresh_and_their_runs_too(
+    campaign_models, tmp_path, monkeypatch
+):
+    """`dvc repro` reruns the experiments stage when the oracle changes; tables labelled by the old oracle
+    must not be resumed as finished, nor their MLflow rounds kept as the new campaigns' rounds."""
+    import mlflow
+
+    from agd.config import ForestConfig
+    from agd.models.forest import train_forest
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = _params(tmp_path, kappa_sweep=[], repeats=1)
+    out = tmp_path / "exp"
+    run_experiments(campaign_models.prepared, campaign_models.autoencoder, campaign_models.oracle, out, params,
+                    progress=False, restart_changed=True)  # fmt: skip
+    before = pd.read_parquet(out / "samples.parquet")
+    prepared = pd.read_parquet(campaign_models.prepared)
+    retrained = tmp_path / "oracle2"
+    train_forest(prepared["reduced_formula"].tolist(), prepared["band_gap"].to_numpy(),
+                 ForestConfig(n_estimators=10, n_jobs=1), seed=1).save(retrained / "forest.joblib")  # fmt: skip
+    args = (campaign_models.prepared, campaign_models.autoencoder, retrained, out, params)
+    with pytest.raises(CampaignStateError, match="oracle changed"):
+        run_experiments(*args, progress=False)
+    run_experiments(*args, progress=False, restart_changed=True)
+    after = pd.read_parquet(out / "samples.parquet")
+    asked = after[(after["round"] > 0) & after["label"].notna()]
+    now = load_oracle(retrained).label(asked["formula"].tolist()).gaps
+    assert len(asked) and np.allclose(asked["label"], now, atol=1e-6)  # labelled by the new oracle
+    old = before[(before["round"] > 0) & before["label"].notna()]
+    assert not np.allclose(old["label"].to_numpy()[:5], asked["label"].to_numpy()[:5])
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("agd-campaigns")
+    repeats = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("agd.role") == "repeat"]
+    live = [r for r in repeats if "agd.superseded" not in r.data.tags]
+    assert len(repeats) == 4 and len(live) == 2  # Exp2-bo and Exp2-random, each retired once
+    for run in live:
+        table = after[after["campaign"] == run.data.tags["agd.campaign"]]
+        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "n_high_gap_total")}
+        assert sorted(logged) == sorted(table["round"].unique())  # every round once, from the new table
+        last = int(table["round"].max())
+        assert (
+            logged[last]
+            == round_metrics(table, last, params.experiments.campaign.high_gap)["n_high_gap_total"]
+        )
+    parent = next(r for r in client.search_runs([exp.experiment_id], filter_string="tags.`agd.role` = 'campaign'")
+                  if r.data.tags["agd.campaign"] == "Exp2-bo")  # fmt: skip
+    summary = campaign_summary(after[after["campaign"] == "Exp2-bo"], params.experiments.campaign.high_gap)
+    assert parent.data.metrics["mean.best_new_label"] == summary["best_new_label"]  # the totals follow
+    # a third run finds the new tables and their runs: nothing retired, nothing logged twice
+    run_experiments(*args, progress=False, restart_changed=True)
+    assert len(client.search_runs([exp.experiment_id], filter_string="tags.`agd.role` = 'repeat'")) == 4
 
 
 def test_kappa_curve_counts_cumulative_high_gap_finds():
