@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -75,6 +76,47 @@ def test_study_trains_resumes_and_reports(tiny_split, tmp_path: Path, capsys) ->
     y = data["band_gap"].to_numpy()[-40:][ok]
     expected = 1 - np.sum((y - first[ok]) ** 2) / np.sum((y - y.mean()) ** 2)
     assert abs(r2 - expected) < 1e-4
+
+
+def test_oqmd_pretraining_leaves_out_held_out_compositions_and_reports_a_diverged_member(
+    tiny_split, shared_data, tmp_path: Path, monkeypatch
+) -> None:
+    data, prepared = tiny_split
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    held_out = data["reduced_formula"].iloc[160:].tolist()  # the val and test rows
+    pool = read_shared_csv(shared_data / "formulas_oqmd_crabnet.csv.gz").sample(300, random_state=0)[
+        ["formula", "reduced_formula", "band_gap"]
+    ]
+    extra = pd.DataFrame({"formula": [*held_out[:3], "Og2O"], "reduced_formula": [*held_out[:3], "Og2O"],
+                          "band_gap": [1.0, 2.0, 3.0, 4.0]})  # fmt: skip
+    pd.concat([pool, extra]).to_csv(shared / "formulas_oqmd_crabnet.csv.gz", index=False)
+    rows = oracle_study.oqmd_rows(set(held_out), "matscholar200", shared)
+    assert not rows["reduced_formula"].isin([*held_out, "Og2O"]).any()  # Og: no matscholar200 vector
+    assert len(rows) == len(pool) - pool["reduced_formula"].isin(held_out).sum()
+
+    monkeypatch.setattr(oracle_study, "SHARED", shared)
+    monkeypatch.setattr(oracle_study, "PRETRAIN_EPOCHS", 1)
+    work = tmp_path / "work"
+    argv = ["--prepared", str(prepared), "--work", str(work), "train", "--variant", "oqmd_pretrain"]
+    assert oracle_study.main([*argv, "--seeds", "0", "--epochs", "2", "--workers", "1"]) == 0
+    saved = np.load(work / "oqmd_pretrain" / "seed0.npz")
+    info = json.loads(str(saved["info"]))
+    assert info["pretrain_minutes"] > 0 and info["epochs_run"] == 2 and np.isfinite(saved["pred"]).sum() >= 35
+    # a member whose loss went NaN is reported as diverged and kept out of the mean
+    history = [{**row, "train_loss": float("nan")} if row["epoch"] == 2 else row for row in info["history"]]
+    assert oracle_study.diverged_epoch(history) == 2 and oracle_study.diverged_epoch(info["history"]) is None
+    np.savez(
+        work / "oqmd_pretrain" / "seed1.npz",
+        pred=np.full(40, np.nan),
+        info=json.dumps(info | {"history": history}),
+    )
+    text = oracle_study.report(prepared, work)
+    assert (
+        "| oqmd_pretrain | pretrained on OQMD's gaps (metals included), then trained on Exp1 | 1 | 160 | | | diverged: NaN loss from epoch 2"
+        in text
+    )
+    assert "| oqmd_pretrain | mean of" not in text  # one member left: no mean
 
 
 def test_report_compares_a_mixed_embedding_ensemble_with_base_seeds(tiny_split, tmp_path: Path) -> None:
