@@ -345,6 +345,10 @@ class OracleScreen:
     n_screened: int
     n_unlabelled: int
     oracle_name: str
+    #: a hash of the labels themselves (formula, gap, status of every candidate): what the groups depend on,
+    #: so an oracle folder that changes without changing a label (a retrain with the same seeds, a
+    #: timing file) keeps every stored group
+    labels_hash: str = ""
 
     def gaps(self) -> np.ndarray:
         """All oracle gaps, in candidate order (one float per candidate)."""
@@ -399,9 +403,13 @@ def oracle_screen(
         parts = [folder / name for name in meta["parts"]]
         if all(p.is_file() for p in parts):
             log.info("oracle screening reused from %s", folder)
+            if "labels_hash" not in meta:  # stored before the labels were hashed
+                meta["labels_hash"] = _labels_hash(parts)
+                _write_json(done, meta)
             return OracleScreen(
-                folder, parts, fingerprint, meta["n_screened"], meta["n_unlabelled"], meta["oracle"]
-            )
+                folder, parts, fingerprint, meta["n_screened"], meta["n_unlabelled"], meta["oracle"],
+                meta["labels_hash"],
+            )  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     oracle = None
     parts: list[Path] = []
@@ -438,12 +446,30 @@ def oracle_screen(
         "n_screened": n_screened,
         "n_unlabelled": n_unlabelled,
         "oracle": name,
+        "labels_hash": _labels_hash(parts),
     }
-    done.write_text(json.dumps(meta, indent=2))
+    _write_json(done, meta)
     for other in root.iterdir():  # screenings of other candidates or oracles are stale now
         if other.is_dir() and other != folder:
             shutil.rmtree(other, ignore_errors=True)
-    return OracleScreen(folder, parts, fingerprint, n_screened, n_unlabelled, name)
+    return OracleScreen(folder, parts, fingerprint, n_screened, n_unlabelled, name, meta["labels_hash"])
+
+
+def _labels_hash(parts: list[Path]) -> str:
+    """sha256 of every candidate's formula, oracle gap (its float64 bytes) and status, in order."""
+    digest = hashlib.sha256()
+    for part in parts:
+        table = pq.read_table(part, columns=["formula", "oracle_gap", "oracle_status"])
+        digest.update("\n".join(table["formula"].to_pylist()).encode())
+        digest.update(np.ascontiguousarray(table["oracle_gap"].to_numpy(), dtype="<f8").tobytes())
+        digest.update("\n".join(table["oracle_status"].to_pylist()).encode())
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
 
 
 def _oracle_name(oracle_dir: Path) -> str:
@@ -970,6 +996,21 @@ def _load_group(state: Path, group: Group, check: bool = False) -> dict[str, Any
         return None
 
 
+def _adopt_legacy(
+    state: Path, group: Group, record: dict[str, Any], fingerprints: tuple[str, str], args: tuple
+) -> dict[str, Any]:
+    """A group stored under the folder-hash key of the oracle whose labels are the current ones: the
+    same group, stored again under the labels' key (either fingerprint that matches is carried over)."""
+    legacy = _group_fingerprints(*args, legacy=True)
+    if record.get("model_fingerprint") != legacy[1]:
+        return record
+    record = record | {"model_fingerprint": fingerprints[1]}
+    if record.get("fingerprint") == legacy[0]:
+        record["fingerprint"] = fingerprints[0]
+    _write_record(state, group, record)
+    return record
+
+
 def _rescore_group(
     state: Path,
     group: Group,
@@ -1052,10 +1093,16 @@ def plan_groups(training: pd.DataFrame, cfg: ScreeningConfig) -> list[Group]:
 
 
 def _group_fingerprints(
-    group: Group, rows: pd.DataFrame, cfg: ScreeningConfig, screen: OracleScreen, test_hash: str
+    group: Group,
+    rows: pd.DataFrame,
+    cfg: ScreeningConfig,
+    screen: OracleScreen,
+    test_hash: str,
+    legacy: bool = False,
 ) -> tuple[str, str]:
     """(everything the group's figures depend on, everything its model and hits depend on): the
-    second leaves out the test set."""
+    second leaves out the test set. The oracle enters through its labels (``legacy``: through the
+    hash of its folder, as groups stored before the labels were hashed were keyed)."""
     data = hashlib.sha256()
     ordered = rows.sort_values(["key", "band_gap"], kind="stable")
     for key, text, gap in zip(ordered["key"], ordered["reduced_formula"], ordered["band_gap"], strict=True):
@@ -1078,7 +1125,7 @@ def _group_fingerprints(
         "group": group.__dict__,
         "rows": data.hexdigest(),
         "settings": settings,
-        "oracle": screen.fingerprint,
+        "oracle": screen.fingerprint if legacy else {"labels": screen.labels_hash},
     }
     return _hash_json(model | {"test": test_hash}), _hash_json(model)
 
@@ -1134,6 +1181,10 @@ def run_screening_stage(
         rows = by_set[(group.experiment, group.repeat, group.training_set)]
         fingerprints[group] = _group_fingerprints(group, rows, cfg, screen, test_hash)
         record = _load_group(groups_state, group, check=bool(cfg.check_margins))
+        if record is not None and record.get("fingerprint") != fingerprints[group][0]:
+            record = _adopt_legacy(
+                groups_state, group, record, fingerprints[group], (group, rows, cfg, screen, test_hash)
+            )
         if record is not None and record.get("fingerprint") != fingerprints[group][0]:
             record = _rescore_group(groups_state, group, record, fingerprints[group], test)
             rescored += record is not None

@@ -341,6 +341,71 @@ def test_resume_after_losing_a_group_and_an_oracle_part(first, inputs, tmp_path,
     _assert_same(before, _outputs(copy))
 
 
+def _no_training(*args, **kwargs):
+    raise AssertionError("a stored group was trained again")
+
+
+def test_an_oracle_folder_changed_without_changing_a_label_keeps_every_group(
+    first, inputs, tmp_path, monkeypatch
+):
+    """A retrained oracle that gives the same labels (same seeds), or a new timing file in its folder:
+    the candidates are labelled again (the folder is not the same), but no screener is trained again."""
+    before = _outputs(first)
+    copy = tmp_path / "out"
+    shutil.copytree(first, copy)
+    oracle = tmp_path / "oracle"
+    shutil.copytree(inputs["oracle"], oracle)
+    (oracle / "history.csv").write_text("epoch,seconds\n1,12.5\n")
+    monkeypatch.setattr(screen_module, "_train_screener", _no_training)
+    _run(inputs | {"oracle": oracle}, copy)
+    _assert_same(before, _outputs(copy))
+    (old,) = (first / "state" / "oracle").iterdir()
+    (new,) = (copy / "state" / "oracle").iterdir()  # the old folder's labelling was replaced
+    assert old.name != new.name
+    hashes = [json.loads((d / "complete.json").read_text())["labels_hash"] for d in (old, new)]
+    assert hashes[0] == hashes[1]
+
+
+def test_an_oracle_with_other_labels_trains_every_group_again(first, inputs, tmp_path, monkeypatch):
+    copy = tmp_path / "out"
+    shutil.copytree(first, copy)
+    prepared = pd.read_parquet(inputs["prepared"])
+    other = tmp_path / "oracle"
+    train_forest(prepared["reduced_formula"].tolist(), prepared["band_gap"], TINY.forest, seed=2).save(
+        other / "forest.joblib"
+    )
+    trained = []
+    real = screen_module._train_screener
+    monkeypatch.setattr(
+        screen_module, "_train_screener", lambda kind, *a, **k: trained.append(kind) or real(kind, *a, **k)
+    )
+    _run(inputs | {"oracle": other}, copy)
+    assert len(trained) == len(pd.read_parquet(first / "metrics.parquet").groupby(
+        ["experiment", "repeat", "training_set", "model"]))  # fmt: skip
+
+
+def test_groups_stored_under_the_oracle_folders_hash_are_kept(first, inputs, tmp_path, monkeypatch):
+    """Groups stored before the oracle's labels were hashed were keyed by the hash of its folder: with
+    the same oracle folder they are the same groups, kept and stored again under the new key."""
+    real = screen_module._group_fingerprints
+    out = tmp_path / "old"
+    monkeypatch.setattr(screen_module, "_group_fingerprints", lambda *a, legacy=False: real(*a, legacy=True))
+    _run(inputs, out)  # as the code before the labels' hash keyed them
+    monkeypatch.setattr(screen_module, "_group_fingerprints", real)
+    monkeypatch.setattr(screen_module, "_train_screener", _no_training)
+    _run(inputs, out)
+    _assert_same(_outputs(first), _outputs(out))
+    for path in sorted((first / "state" / "groups").glob("*.json")):
+        kept, fresh = (
+            json.loads((out / "state" / "groups" / path.name).read_text()),
+            json.loads(path.read_text()),
+        )
+        assert (kept["fingerprint"], kept["model_fingerprint"]) == (
+            fresh["fingerprint"],
+            fresh["model_fingerprint"],
+        )
+
+
 def test_same_seed_same_results_in_a_fresh_folder(first, inputs, tmp_path):
     _run(inputs, tmp_path / "fresh")
     _assert_same(_outputs(first), _outputs(tmp_path / "fresh"))
