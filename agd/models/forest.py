@@ -81,7 +81,8 @@ class ForestModel:
         return status
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model with joblib (zlib level 3) atomically."""
+        """Write the model with joblib (zlib level 3) atomically; its training time stays out of the
+        file, so a retrain that grows the same trees writes the same bytes."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -90,7 +91,6 @@ class ForestModel:
             "forest": self.forest,
             "elements": sorted(self.elements),
             "config": self.config.model_dump(),
-            "seconds": self.seconds,
         }
         joblib.dump(payload, tmp, compress=3)
         tmp.replace(path)
@@ -104,8 +104,7 @@ class ForestModel:
             data["forest"],
             frozenset(data["elements"]),
             ForestConfig.model_validate(data["config"]),
-            data["seconds"],
-        )
+        )  # files written before the seconds were left out still carry them; they are not read
 
 
 def train_forest(

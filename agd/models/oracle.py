@@ -181,6 +181,31 @@ class TableOracle:
         return folder
 
 
+def _saved_oracle(folder: Path) -> tuple[str, Path, str, dict]:
+    """(kind, model path, name, oracle.json's content or {}) of the oracle saved in ``folder``."""
+    meta_path = folder / ORACLE_FILE
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return meta["kind"], folder / meta["path"], meta.get("name", meta["kind"]), meta
+    if (folder / "ensemble.json").is_file():
+        return "roost", folder, "roost", {}
+    if (folder / "forest.joblib").is_file():
+        return "forest", folder / "forest.joblib", "forest", {}
+    raise FileNotFoundError(f"{folder}: no {ORACLE_FILE}, ensemble.json or forest.joblib")
+
+
+def oracle_files(folder: str | os.PathLike) -> list[Path]:
+    """The files :func:`load_oracle` reads from ``folder``, sorted: what the oracle's labels depend on.
+
+    A stage output's metrics, history and hold-out models are not among them, so a hash of these files
+    changes only when the deployed oracle does."""
+    folder = Path(folder)
+    _, path, _, meta = _saved_oracle(folder)
+    files = [folder / ORACLE_FILE] if meta else []
+    files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return sorted(files)
+
+
 def load_oracle(folder: str | os.PathLike, device: str = "cpu") -> Oracle:
     """Open the oracle saved in ``folder`` (a stage output, a Roost ensemble, a forest or a table)."""
     from agd.models.forest import ForestModel
@@ -188,16 +213,7 @@ def load_oracle(folder: str | os.PathLike, device: str = "cpu") -> Oracle:
 
     folder = Path(folder)
     meta_path = folder / ORACLE_FILE
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        kind, path = meta["kind"], folder / meta["path"]
-        name = meta.get("name", kind)
-    elif (folder / "ensemble.json").is_file():
-        kind, path, name = "roost", folder, "roost"
-    elif (folder / "forest.joblib").is_file():
-        kind, path, name = "forest", folder / "forest.joblib", "forest"
-    else:
-        raise FileNotFoundError(f"{folder}: no {ORACLE_FILE}, ensemble.json or forest.joblib")
+    kind, path, name, meta = _saved_oracle(folder)
     if kind == "roost":
         return ModelOracle(RoostEnsemble.load(path, device), name)
     if kind == "forest":

@@ -278,8 +278,13 @@ class RoostModel:
         """Band gaps for formulas; ``std`` is the aleatoric spread of a robust model (else None)."""
         return RoostEnsemble([self]).predict(formulas, batch_size=batch_size, spread="aleatoric")
 
-    def to_checkpoint(self) -> dict:
-        """Everything needed to rebuild the model, as plain containers and tensors (``weights_only`` safe)."""
+    def to_checkpoint(self, timings: bool = True) -> dict:
+        """Everything needed to rebuild the model, as plain containers and tensors (``weights_only`` safe).
+
+        ``timings=False`` leaves the seconds out of the epoch history, as :meth:`save` does: a file then
+        depends only on what was trained, so a retrain that gives the same weights gives the same bytes
+        (and DVC sees no change downstream)."""
+        history = self.history if timings else [_untimed(row) for row in self.history]
         return {
             "format": "agd.roost/1",
             "state_dict": self.net.state_dict(),
@@ -288,7 +293,7 @@ class RoostModel:
             "std": self.std,
             "elements": sorted(self.elements),
             "seed": self.seed,
-            "history": self.history,
+            "history": history,
             "best_epoch": self.best_epoch,
         }
 
@@ -309,7 +314,7 @@ class RoostModel:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self.to_checkpoint(), tmp)
+        torch.save(self.to_checkpoint(timings=False), tmp)
         tmp.replace(path)
         return path
 
@@ -317,6 +322,11 @@ class RoostModel:
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> RoostModel:
         """Read a model written by :meth:`save`."""
         return cls.from_checkpoint(torch.load(path, map_location=device, weights_only=True), device)
+
+
+def _untimed(row: dict[str, float]) -> dict[str, float]:
+    """An epoch's history row without its wall-clock seconds."""
+    return {k: v for k, v in row.items() if k != "seconds"}
 
 
 def _loss(out: Tensor, target: Tensor, robust: bool) -> Tensor:

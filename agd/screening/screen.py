@@ -349,6 +349,8 @@ class OracleScreen:
     #: so an oracle folder that changes without changing a label (a retrain with the same seeds, a
     #: timing file) keeps every stored group
     labels_hash: str = ""
+    #: the key this labelling had before it was keyed by the oracle's files (the hash of its whole folder)
+    folder_key: str = ""
 
     def gaps(self) -> np.ndarray:
         """All oracle gaps, in candidate order (one float per candidate)."""
@@ -386,15 +388,15 @@ def oracle_screen(
         raise ScreeningError(f"{candidates}: no candidate table")
     if not oracle_dir.is_dir():
         raise ScreeningError(f"{oracle_dir}: no oracle folder")
+    from agd.models.oracle import oracle_files
+
     selection = {k: getattr(cfg, k) for k in ("valid_only", "novel_only", "max_candidates", "chunk_size")}
-    fingerprint = _hash_json(
-        {
-            "version": _STATE_VERSION,
-            "candidates": _hash_path(candidates),
-            "oracle": _hash_path(oracle_dir),
-            "selection": selection,
-        }
-    )[:16]
+    key = {"version": _STATE_VERSION, "candidates": _hash_path(candidates), "selection": selection}
+    # the labelling is cached under the files the oracle is loaded from; groups stored before their key
+    # held the labels' hash were keyed with the hash of the whole folder (``folder_key``)
+    files = {p.relative_to(oracle_dir).as_posix(): _hash_path(p) for p in oracle_files(oracle_dir)}
+    fingerprint = _hash_json(key | {"oracle_files": files})[:16]
+    folder_key = _hash_json(key | {"oracle": _hash_path(oracle_dir)})[:16]
     root = Path(state_dir) / "oracle"
     folder = root / fingerprint
     done = folder / "complete.json"
@@ -408,7 +410,7 @@ def oracle_screen(
                 _write_json(done, meta)
             return OracleScreen(
                 folder, parts, fingerprint, meta["n_screened"], meta["n_unlabelled"], meta["oracle"],
-                meta["labels_hash"],
+                meta["labels_hash"], folder_key,
             )  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     oracle = None
@@ -452,7 +454,9 @@ def oracle_screen(
     for other in root.iterdir():  # screenings of other candidates or oracles are stale now
         if other.is_dir() and other != folder:
             shutil.rmtree(other, ignore_errors=True)
-    return OracleScreen(folder, parts, fingerprint, n_screened, n_unlabelled, name, meta["labels_hash"])
+    return OracleScreen(
+        folder, parts, fingerprint, n_screened, n_unlabelled, name, meta["labels_hash"], folder_key
+    )
 
 
 def _labels_hash(parts: list[Path]) -> str:
@@ -1125,7 +1129,7 @@ def _group_fingerprints(
         "group": group.__dict__,
         "rows": data.hexdigest(),
         "settings": settings,
-        "oracle": screen.fingerprint if legacy else {"labels": screen.labels_hash},
+        "oracle": screen.folder_key if legacy else {"labels": screen.labels_hash},
     }
     return _hash_json(model | {"test": test_hash}), _hash_json(model)
 

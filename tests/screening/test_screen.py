@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import joblib
 import numpy as np
 import pandas as pd
 import pytest
@@ -348,8 +349,9 @@ def _no_training(*args, **kwargs):
 def test_an_oracle_folder_changed_without_changing_a_label_keeps_every_group(
     first, inputs, tmp_path, monkeypatch
 ):
-    """A retrained oracle that gives the same labels (same seeds), or a new timing file in its folder:
-    the candidates are labelled again (the folder is not the same), but no screener is trained again."""
+    """A timing file beside the oracle changes nothing it is loaded from: its labelling is reused. The
+    same model written again with other bytes (a retrain with the same seeds, another compression) is
+    labelled again, and gives the same labels: no screener is trained again either way."""
     before = _outputs(first)
     copy = tmp_path / "out"
     shutil.copytree(first, copy)
@@ -360,7 +362,13 @@ def test_an_oracle_folder_changed_without_changing_a_label_keeps_every_group(
     _run(inputs | {"oracle": oracle}, copy)
     _assert_same(before, _outputs(copy))
     (old,) = (first / "state" / "oracle").iterdir()
-    (new,) = (copy / "state" / "oracle").iterdir()  # the old folder's labelling was replaced
+    assert [d.name for d in (copy / "state" / "oracle").iterdir()] == [old.name]  # reused
+    model = joblib.load(oracle / "forest.joblib")
+    joblib.dump(model, oracle / "forest.joblib", compress=1)
+    assert (oracle / "forest.joblib").read_bytes() != (inputs["oracle"] / "forest.joblib").read_bytes()
+    _run(inputs | {"oracle": oracle}, copy)
+    _assert_same(before, _outputs(copy))
+    (new,) = (copy / "state" / "oracle").iterdir()  # labelled again, the old labelling replaced
     assert old.name != new.name
     hashes = [json.loads((d / "complete.json").read_text())["labels_hash"] for d in (old, new)]
     assert hashes[0] == hashes[1]
