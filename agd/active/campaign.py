@@ -402,10 +402,9 @@ class Campaign:
                         f"{later['round'].iat[i]}: {was[i]!r} in the table, {now[i]!r} now): the autoencoder "
                         "or the validity rules changed since the table was written"
                     )
-        to_label = later["decodable"].astype(bool) & (
-            later["valid"].astype(bool) | (self.cfg.invalid == "label")
-        )
-        asked = later[to_label]
+        asked = later[
+            self._asks_oracle(later["decodable"].to_numpy(dtype=bool), later["valid"].to_numpy(dtype=bool))
+        ]
         if not len(asked):
             return None
         was = asked["label"].to_numpy(dtype=float)
@@ -576,6 +575,11 @@ class Campaign:
         rows["round_s"] = time.perf_counter() - start
         return rows
 
+    def _asks_oracle(self, decodable: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Which suggestions the oracle labels: decoded ones that are valid, or all of them under
+        ``invalid: label`` (the paper's treatment)."""
+        return decodable & (valid | (self.cfg.invalid == "label"))
+
     def _system_counts(self, table: pd.DataFrame) -> Counter[frozenset[str]]:
         """The campaign's registered finds per chemical system (empty when ``max_per_system`` is off)."""
         if self.cfg.max_per_system is None:
@@ -640,7 +644,7 @@ class Campaign:
         )
         decodable = judged["decodable"].to_numpy(dtype=bool)
         valid = judged["valid"].to_numpy(dtype=bool)
-        to_label = decodable & (valid | (cfg.invalid == "label"))
+        to_label = self._asks_oracle(decodable, valid)
         label = np.full(len(x), np.nan)
         label_std = np.full(len(x), np.nan)
         reason = judged["reason"].astype(object).to_numpy().copy()
