@@ -621,6 +621,30 @@ def _cmd_tracking_server(args: argparse.Namespace) -> int:
     server.exec_server(command, env)
 
 
+def _cmd_env(args: argparse.Namespace) -> int:
+    from agd import environment
+
+    path = Path(args.constraints) if args.constraints else environment.constraints_path()
+    installed = environment.installed_versions()
+    for name in environment.KEY_PACKAGES:
+        print(f"{name:<22} {installed.get(name, 'not installed')}")
+    if not path.is_file():
+        raise UserError(f"{path}: no such constraints file (give one with --constraints)")
+    try:
+        pins = environment.read_constraints(path)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    found = environment.mismatches(pins, installed)
+    if not found:
+        print(f"every installed package pinned in {path} is at its pinned version")
+        return 0
+    print(f"{len(found)} installed package{'s differ' if len(found) > 1 else ' differs'} from {path}:")
+    for mismatch in found:
+        print(f"  {mismatch}")
+    print(f"to match it: pip install -c {path} -e '.[test]' (in a fresh venv)")
+    return 1 if args.check else 0
+
+
 # ---------------------------------------------------------------------------------------------
 def _stage_outputs(parser: argparse.ArgumentParser, out: str, metrics: str, prepared: bool = True) -> None:
     """The arguments every model stage shares: input table, output folder, metrics file, MLflow switch."""
@@ -985,6 +1009,19 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--dry-run", action="store_true", help="print the mlflow server command and exit")
     ts.add_argument("mlflow_args", nargs="*", help="extra `mlflow server` options, after '--'")
     ts.set_defaults(func=_cmd_tracking_server)
+
+    env = sub.add_parser(
+        "env",
+        help="compare the installed packages with constraints.txt",
+        description="Print the versions of the packages that shape the pipeline's results and list every "
+        "installed package that differs from constraints.txt, the environment that reproduces "
+        "pipelines/dvc.lock (a newer pyarrow alone makes DVC rerun every stage).",
+    )
+    env.add_argument(
+        "--constraints", default=None, help="pin file (default: constraints.txt at the project root)"
+    )
+    env.add_argument("--check", action="store_true", help="exit 1 when any installed package differs")
+    env.set_defaults(func=_cmd_env)
     return parser
 
 

@@ -75,7 +75,9 @@ def stage_run(
     prefix = cfg.experiment_prefix if cfg is not None else "agd"
     client = mlflow.MlflowClient(uri)
     experiment_id = _experiment_id(client, f"{prefix}-{stage}", root)
-    all_tags = {"agd.stage": stage, **(tags or {})}
+    from agd.environment import environment_tags
+
+    all_tags = {"agd.stage": stage, **environment_tags(), **(tags or {})}
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or stage, tags=all_tags) as run:
         if params:
             flat = flatten_params(params)
@@ -147,7 +149,11 @@ class CampaignTracker:
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(self.experiment_id, tags={**self.tags, **tags}, run_name=name)
+        from agd.environment import environment_tags
+
+        run = self.client.create_run(
+            self.experiment_id, tags={**self.tags, **environment_tags(), **tags}, run_name=name
+        )
         if params:
             from mlflow.entities import Param
 

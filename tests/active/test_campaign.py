@@ -369,6 +369,9 @@ def test_experiments_write_training_sets_samples_kappa_sweep_and_mlflow_once(
     assert {r.data.tags["experiment"] for r in repeats} == {"Exp2", "kappa"}
     assert all(r.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents} for r in repeats)
     one = next(r for r in repeats if r.data.tags["agd.campaign"] == "Exp2-bo")
+    from agd.environment import installed_versions
+
+    assert all(r.data.tags["agd.env.torch"] == installed_versions()["torch"] for r in runs)
     steps = [m.step for m in client.get_metric_history(one.info.run_id, "best_label")]
     assert sorted(steps) == list(range(int(samples["round"].max()) + 1))
 
