@@ -92,10 +92,14 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 def _write_metrics(path: str | None, metrics: dict) -> None:
     if not path:
         return
+    from agd.environment import environment_record
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, default=str))
+    # where the figures were made: the same seed gives the same bits on one machine, not across CPUs
+    record = {**metrics, "environment": environment_record()}
+    tmp.write_text(json.dumps(record, indent=2, default=str))
     tmp.replace(target)
 
 
@@ -626,6 +630,12 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
     path = Path(args.constraints) if args.constraints else environment.constraints_path()
     installed = environment.installed_versions()
+    machine = environment.environment_record()["machine"]
+    print(
+        f"{'machine':<22} {machine['cpu']} ({machine['vector_isa']}, {machine['cores']} cores), {machine['platform']}"
+    )
+    kernels = environment.environment_tags()["agd.env.kernels"]
+    print(f"{'kernel settings':<22} {kernels}")
     for name in environment.KEY_PACKAGES:
         print(f"{name:<22} {installed.get(name, 'not installed')}")
     if not path.is_file():

@@ -7,6 +7,7 @@ that say which environment made it, and ``agd env --check`` tells a user why DVC
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +20,14 @@ from packaging.version import InvalidVersion, Version
 from agd.config import find_project_root
 
 CONSTRAINTS_FILE = "constraints.txt"
+# environment variables that pin torch's (ATen), MKL's and oneDNN's choice of CPU kernels, and the thread counts
+KERNEL_SETTINGS = (
+    "ATEN_CPU_CAPABILITY",
+    "MKL_CBWR",
+    "ONEDNN_MAX_CPU_ISA",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+)
 # the packages whose versions shape the pipeline's numbers or bytes, shown first and tagged on each run
 KEY_PACKAGES = (
     "torch",
@@ -124,13 +133,65 @@ def constraints_status(path: Path | None = None, installed: dict[str, str] | Non
     return f"{len(found)} differ: {named}{more}"
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def vector_isa() -> str:
+    """The widest x86 vector extension this CPU reports (avx512 / avx2 / other); torch and MKL pick
+    their kernels by it unless told otherwise, and different kernels round differently."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "other"
+
+
 @lru_cache(maxsize=1)
-def environment_tags() -> dict[str, str]:
-    """MLflow tags naming the environment of this process: Python, the key packages, and whether the
-    installed packages are those of constraints.txt."""
+def environment_record() -> dict:
+    """Where a result was made: the machine, the kernel settings that steer torch's and MKL's choice of
+    code path, the key packages, and whether the installed packages are those of constraints.txt.
+
+    The same seed gives the same bits on one machine; another CPU can take other kernels (measured:
+    the oracle stage's R2 moved from 0.814 to 0.805, docs/findings.md), so metrics files carry this."""
     installed = installed_versions()
-    tags = {"agd.env.python": platform.python_version(), "agd.env.platform": platform.machine()}
-    for name in KEY_PACKAGES:
-        tags[f"agd.env.{name}"] = installed.get(canonicalize_name(name), "not installed")
-    tags["agd.env.constraints"] = constraints_status(installed=installed)
+    return {
+        "machine": {
+            "cpu": cpu_model(),
+            "vector_isa": vector_isa(),
+            "cores": os.cpu_count(),
+            "platform": f"{platform.system()} {platform.machine()}",
+            "python": platform.python_version(),
+        },
+        "kernel_settings": {name: os.environ.get(name) for name in KERNEL_SETTINGS},
+        "packages": {name: installed.get(canonicalize_name(name), "not installed") for name in KEY_PACKAGES},
+        "constraints": constraints_status(installed=installed),
+    }
+
+
+def environment_tags() -> dict[str, str]:
+    """MLflow tags naming the environment of this process (:func:`environment_record`, flattened)."""
+    record = environment_record()
+    machine = record["machine"]
+    tags = {
+        "agd.env.python": machine["python"],
+        "agd.env.platform": machine["platform"],
+        "agd.env.cpu": f"{machine['cpu']} ({machine['vector_isa']}, {machine['cores']} cores)",
+    }
+    tags.update({f"agd.env.{name}": version for name, version in record["packages"].items()})
+    set_kernels = {k: v for k, v in record["kernel_settings"].items() if v is not None}
+    tags["agd.env.kernels"] = " ".join(f"{k}={v}" for k, v in set_kernels.items()) or "native"
+    tags["agd.env.constraints"] = record["constraints"]
     return tags

@@ -122,3 +122,20 @@ def test_every_stage_run_carries_the_environment_tags(tmp_path, monkeypatch):
     assert tags["agd.env.torch"] == installed["torch"] and tags["agd.env.pyarrow"] == installed["pyarrow"]
     assert tags["agd.env.constraints"] == environment.constraints_status(environment.constraints_path(ROOT))
     assert tags["agd.env.python"] == "kept: a caller's tag wins"
+    assert tags["agd.env.cpu"].startswith(environment.cpu_model())
+
+
+def test_the_record_names_the_vector_isa_and_the_kernel_settings_in_force(monkeypatch):
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    expected = "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "other"
+    assert environment.vector_isa() == (expected if flags else "unknown")
+    environment.environment_record.cache_clear()
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    try:
+        record = environment.environment_record()
+        assert record["kernel_settings"]["MKL_CBWR"] == "AVX2"
+        assert record["kernel_settings"]["ATEN_CPU_CAPABILITY"] is None
+        assert "MKL_CBWR=AVX2" in environment.environment_tags()["agd.env.kernels"]
+    finally:
+        environment.environment_record.cache_clear()

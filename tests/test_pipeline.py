@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 from agd.chem.systems import chemical_system
+from agd.environment import cpu_model, installed_versions
 from agd.tracking.catalog import CatalogReader
 from tests.conftest import REPO_ROOT, read_shared_csv
 
@@ -113,7 +114,10 @@ def test_dvc_repro_tiny_pipeline(tmp_path, shared_data):
         "structures",
         "energy",
     ):
-        assert json.loads((project / "metrics" / f"{stage}.json").read_text()), stage
+        metrics = json.loads((project / "metrics" / f"{stage}.json").read_text())
+        # each file says where its figures were made (the same seed gives the same bits on one machine only)
+        assert metrics["environment"]["machine"]["cpu"] == cpu_model(), stage
+        assert metrics["environment"]["packages"]["torch"] == installed_versions()["torch"], stage
     candidates = pd.read_parquet(project / "data" / "generated" / "candidates.parquet")
     assert len(candidates) > 0 and candidates["reduced_formula"].is_unique
     with CatalogReader(project / "agd.duckdb") as reader:

@@ -667,3 +667,25 @@ def test_a_check_in_rounds_adds_each_rounds_labels_before_the_next_ranking() -> 
     # one check of 4 with the first screener takes B, C, E and D: with A, three of the four hits
     assert result[0]["one_shot_recovery"] == 0.75
     assert "one_shot_recovery" not in result[1]
+
+
+def test_kernel_probe_is_deterministic_per_setting_and_sees_the_kernel_choice(
+    tiny_split, tmp_path: Path
+) -> None:
+    from agd.environment import cpu_model, vector_isa
+    from bench.studies import kernel_probe
+
+    _, prepared = tiny_split
+    out = tmp_path / "probe.md"
+    argv = ["--prepared", str(prepared), "--rows", "160", "--epochs", "1", "--out", str(out)]
+    assert kernel_probe.main([*argv, "--settings", "native", "native", "aten-default"]) == 0
+    rows = [
+        line.split(" | ")
+        for line in out.read_text().splitlines()
+        if line.startswith("| native") or line.startswith("| aten")
+    ]
+    assert len(rows) == 3 and cpu_model() in out.read_text()
+    (first, second, default) = rows
+    assert first[3] == second[3] and first[5] == second[5]  # same setting, same bits
+    if vector_isa() in ("avx2", "avx512"):
+        assert default[2] == "DEFAULT" and default[3] != first[3]  # ATen's plain kernels round otherwise
